@@ -1,0 +1,1 @@
+"""Raft consensus: a sans-IO core, its storage and a Trio driver."""
