@@ -1,0 +1,128 @@
+"""Unit tests of RaftCore driven by hand, without the simulator."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from trio_dchan.raft.core import RaftConfig, RaftCore
+from trio_dchan.raft.errors import InvalidMessage, InvalidRequest, NotLeader
+from trio_dchan.raft.types import (
+    ConfState,
+    Entry,
+    EntryType,
+    Message,
+    MessageType,
+    PersistedState,
+    Role,
+)
+
+IDS = ["a", "b", "c"]
+
+
+def make_cluster(ids: list[str] = IDS) -> dict[str, RaftCore]:
+    conf = ConfState(voters=frozenset(ids))
+    return {
+        node: RaftCore(RaftConfig(node), PersistedState(initial_conf=conf), random.Random(k))
+        for k, node in enumerate(ids)
+    }
+
+
+def pump(cores: dict[str, RaftCore], applied: dict[str, list[Entry]]) -> None:
+    queue: list[Message] = []
+    while True:
+        busy = False
+        for node, core in cores.items():
+            while core.has_ready():
+                busy = True
+                rd = core.ready()
+                queue.extend(rd.messages)
+                applied[node].extend(rd.committed_entries)
+                core.advance(rd)
+        while queue:
+            busy = True
+            m = queue.pop(0)
+            cores[m.to].step(m)
+        if not busy:
+            return
+
+
+def elect(cores: dict[str, RaftCore], applied: dict[str, list[Entry]]) -> RaftCore:
+    for _ in range(100):
+        for core in cores.values():
+            core.tick()
+        pump(cores, applied)
+        leaders = [c for c in cores.values() if c.role is Role.LEADER]
+        if leaders:
+            assert len(leaders) == 1
+            return leaders[0]
+    raise AssertionError("no leader elected")
+
+
+def test_bootstrap_election_and_replication() -> None:
+    cores = make_cluster()
+    applied: dict[str, list[Entry]] = {n: [] for n in IDS}
+    leader = elect(cores, applied)
+    assert all(c.leader == leader.id and c.term == leader.term for c in cores.values())
+    last = leader.propose_many([b"cmd%d" % i for i in range(500)])
+    pump(cores, applied)
+    for node, core in cores.items():
+        assert core.commit_index == last
+        normal = [e.data for e in applied[node] if e.type is EntryType.NORMAL]
+        assert normal == [b"cmd%d" % i for i in range(500)]
+        # The bootstrap entries describe the initial membership.
+        assert [e.type for e in applied[node][:3]] == [EntryType.CONF_CHANGE] * 3
+        assert core.conf == ConfState(voters=frozenset(IDS))
+
+
+def test_follower_refuses_proposal_with_leader_hint() -> None:
+    cores = make_cluster()
+    applied: dict[str, list[Entry]] = {n: [] for n in IDS}
+    leader = elect(cores, applied)
+    follower = next(c for c in cores.values() if c is not leader)
+    with pytest.raises(NotLeader) as info:
+        follower.propose(b"x")
+    assert info.value.leader == leader.id
+
+
+def test_malformed_messages_raise_and_change_nothing() -> None:
+    core = make_cluster()["a"]
+    bad = [
+        Message(MessageType.APPEND, "b", "c", 5),  # wrong recipient
+        Message(MessageType.APPEND, "a", "a", 5),  # from itself
+        Message(MessageType.APPEND, "a", "b", -1),
+        Message(
+            MessageType.APPEND, "a", "b", 5, index=3, entries=(Entry(5, 7, EntryType.NORMAL),)
+        ),
+        Message(MessageType.SNAPSHOT, "a", "b", 5),
+    ]
+    for m in bad:
+        with pytest.raises(InvalidMessage):
+            core.step(m)
+    assert core.term == 1
+    assert core.role is Role.FOLLOWER
+
+
+def test_advance_requires_the_outstanding_ready() -> None:
+    core = make_cluster()["a"]
+    assert core.has_ready()
+    rd = core.ready()
+    assert not core.has_ready()
+    with pytest.raises(InvalidRequest):
+        core.ready()
+    core.advance(rd)
+    with pytest.raises(InvalidRequest):
+        core.advance(rd)
+
+
+def test_joiner_never_campaigns() -> None:
+    core = RaftCore(RaftConfig("z"), PersistedState(), random.Random(1))
+    for _ in range(200):
+        core.tick()
+        while core.has_ready():
+            rd = core.ready()
+            assert not rd.messages
+            core.advance(rd)
+    assert core.role is Role.FOLLOWER
+    assert core.term == 0
