@@ -1,0 +1,97 @@
+"""Errors and apply results crossing a forwarded call.
+
+An error raised by the remote :meth:`RaftHandler.handle_forward` travels as
+its class name, its message and its plain attributes (strings, numbers,
+booleans, ``None``), and is rebuilt here as the same class with the same
+attributes, so a caller can rely on ``NotLeader.leader`` and friends. Only
+classes of the library's Raft layer are rebuilt; anything else becomes a
+:class:`RemoteCallError`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import cbor2
+
+from trio_dchan._proto.dchan import v1 as pb
+from trio_dchan.errors import DchanError
+from trio_dchan.raft.transport import Unavailable
+
+from .errors import PeerProtocolError, RemoteCallError
+
+# Modules whose DchanError subclasses may be rebuilt from a peer's answer.
+_ERROR_MODULES = (
+    "trio_dchan.raft.errors",
+    "trio_dchan.raft.node",
+    "trio_dchan.raft.transport",
+    "trio_dchan.transport.errors",
+)
+_SCALARS = (str, int, float, bool, type(None))
+_MAX_RESULT_BYTES = 1 << 20
+
+
+def error_to_pb(exc: BaseException) -> pb.RemoteError:
+    attrs = {
+        name: value
+        for name, value in vars(exc).items()
+        if not name.startswith("_") and isinstance(value, _SCALARS)
+    }
+    return pb.RemoteError(kind=type(exc).__name__, message=str(exc), attributes=cbor2.dumps(attrs))
+
+
+def _find_error_class(kind: str) -> type[DchanError] | None:
+    if not kind.isidentifier():
+        return None
+    for module_name in _ERROR_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # pragma: no cover - every module ships with the library
+            continue
+        cls = getattr(module, kind, None)
+        if isinstance(cls, type) and issubclass(cls, DchanError):
+            return cls
+    return None
+
+
+def error_from_pb(peer: str, err: pb.RemoteError) -> DchanError:
+    """Rebuild the peer's error; never raises."""
+    try:
+        attrs = cbor2.loads(err.attributes) if err.attributes else {}
+    except Exception:
+        attrs = None
+    if not isinstance(attrs, dict) or not all(
+        isinstance(k, str) and isinstance(v, _SCALARS) for k, v in attrs.items()
+    ):
+        return RemoteCallError(peer, err.kind, err.message)
+    cls = _find_error_class(err.kind)
+    if cls is None:
+        return RemoteCallError(peer, err.kind, err.message)
+    if cls is Unavailable:
+        # The peer itself could not reach someone: from here the outcome is
+        # unknown, the request did reach a node.
+        return Unavailable(peer, err.message, maybe_delivered=True)
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, err.message)
+    for name, value in attrs.items():
+        if not name.startswith("_"):
+            try:
+                setattr(exc, name, value)
+            except AttributeError:
+                pass
+    return exc
+
+
+def encode_result(value: object) -> bytes:
+    """Encode an apply result (plain data) for the reply."""
+    return cbor2.dumps(value)
+
+
+def decode_result(peer: str, data: bytes) -> Any:
+    if len(data) > _MAX_RESULT_BYTES:
+        raise PeerProtocolError(f"apply result from {peer} is too large")
+    try:
+        return cbor2.loads(data)
+    except Exception as exc:
+        raise PeerProtocolError(f"undecodable apply result from {peer}: {exc}") from None

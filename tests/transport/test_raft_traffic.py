@@ -1,0 +1,48 @@
+"""Raft messages and forwarded proposals over real gRPC on 127.0.0.1."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from transport_helpers import RecordingHandler, transports
+
+from trio_dchan.raft.errors import NotLeader
+from trio_dchan.raft.transport import Proposal, ProposalKind
+from trio_dchan.raft.types import Entry, EntryType, Message, MessageType
+
+
+def _append(sender: str, to: str, n: int) -> Message:
+    entries = tuple(Entry(2, n * 10 + i, EntryType.NORMAL, b"x%d" % i) for i in range(3))
+    return Message(MessageType.APPEND, to, sender, 2, log_term=1, index=n * 10, entries=entries)
+
+
+async def test_messages_arrive_in_order_with_their_fields() -> None:
+    handlers = [RecordingHandler() for _ in range(3)]
+    async with transports(3, handlers=handlers) as (ids, ts):
+        sent = [_append(ids[0], ids[1], n) for n in range(200)]
+        sent += [Message(MessageType.HEARTBEAT, ids[2], ids[0], 2, commit=7, context=b"r")]
+        for m in sent:
+            ts[0].send([m])
+        with trio.fail_after(10):
+            await handlers[1].wait_for(200)
+            await handlers[2].wait_for(1)
+        assert handlers[1].messages == sent[:200]
+        assert handlers[2].messages == sent[200:]
+        assert handlers[0].messages == []
+
+
+async def test_forward_returns_result_and_keeps_error_types() -> None:
+    def on_forward(p: Proposal) -> object:
+        if p.data == b"refuse":
+            raise NotLeader("n3")
+        return [p.data, int(p.kind)]
+
+    handlers = [RecordingHandler(on_forward) for _ in range(2)]
+    async with transports(2, handlers=handlers) as (ids, ts):
+        with trio.fail_after(10):
+            result = await ts[0].forward(ids[1], Proposal(ProposalKind.COMMAND, b"cmd"))
+            assert result == [b"cmd", 0]
+            with pytest.raises(NotLeader) as info:
+                await ts[0].forward(ids[1], Proposal(ProposalKind.COMMAND, b"refuse"))
+            assert info.value.leader == "n3"
+        assert [p.data for p in handlers[1].forwards] == [b"cmd", b"refuse"]

@@ -1,0 +1,88 @@
+"""Helpers for the transport tests: bound sockets, recording handlers."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import trio
+
+from trio_dchan.raft.transport import Proposal
+from trio_dchan.raft.types import Message, NodeId
+from trio_dchan.transport import GrpcTransport, TransportSettings, open_transport
+
+
+def bound_socket() -> socket.socket:
+    """A listening-ready TCP socket on 127.0.0.1 with a kernel-chosen port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def address_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()
+    return f"{host}:{port}"
+
+
+class RecordingHandler:
+    """A RaftHandler that records what arrives and answers forwards with a callable."""
+
+    def __init__(self, on_forward: Callable[[Proposal], Any] | None = None) -> None:
+        self.messages: list[Message] = []
+        self.forwards: list[Proposal] = []
+        self._changed = trio.Event()
+        self._on_forward = on_forward
+
+    def deliver(self, message: Message) -> None:
+        self.messages.append(message)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def handle_forward(self, proposal: Proposal) -> object:
+        self.forwards.append(proposal)
+        if self._on_forward is None:
+            return {"echo": proposal.data}
+        return self._on_forward(proposal)
+
+    async def wait_for(self, count: int) -> None:
+        while len(self.messages) < count:
+            await self._changed.wait()
+
+
+@asynccontextmanager
+async def transports(
+    n: int,
+    *,
+    cluster_id: str = "test",
+    settings: TransportSettings | None = None,
+    handlers: Sequence[Any] | None = None,
+    data_handlers: Sequence[Any] | None = None,
+    ssl: Sequence[tuple[Any, Any]] | None = None,
+) -> AsyncIterator[tuple[list[NodeId], list[GrpcTransport]]]:
+    """``n`` transports on 127.0.0.1 that know each other, node id = address."""
+    socks = [bound_socket() for _ in range(n)]
+    ids = [address_of(s) for s in socks]
+    peers = {i: i for i in ids}
+    out: list[GrpcTransport] = []
+    async with AsyncExitStack() as stack:
+        for k in range(n):
+            server_ctx, client_ctx = ssl[k] if ssl else (None, None)
+            t = await stack.enter_async_context(
+                open_transport(
+                    ids[k],
+                    ids[k],
+                    cluster_id=cluster_id,
+                    peers=peers,
+                    settings=settings or TransportSettings(),
+                    raft_handler=handlers[k] if handlers else None,
+                    data_handler=data_handlers[k] if data_handlers else None,
+                    ssl_context=server_ctx,
+                    client_ssl_context=client_ctx,
+                    sock=socks[k],
+                )
+            )
+            out.append(t)
+        yield ids, out
