@@ -1,0 +1,705 @@
+"""Values <-> CBOR bytes, for messages that cross the network.
+
+What travels
+------------
+Plain data needs no set-up: ``None``, ``bool``, ``int`` (any size),
+``float``, ``str``, ``bytes``, ``list``, ``tuple``, ``dict``, ``set``,
+``frozenset``, ``datetime`` (naive or aware), ``date``, ``Decimal`` and
+``UUID``, nested in any way. Each comes back as the same type (a ``tuple``
+stays a ``tuple``, a ``frozenset`` stays a ``frozenset``); ``bytearray`` and
+``memoryview`` arrive as ``bytes``, other sequences and mappings as ``list``
+and ``dict``, and an aware datetime keeps its instant and UTC offset but
+arrives with a fixed-offset ``tzinfo``.
+
+Dataclasses and enums travel once they are registered with
+:func:`register`, the analogue of Go's ``gob.Register``. The wire form names
+the type (by default its module-qualified name), so both programs must
+register the class under the same name; fields travel by name, so a field
+with a default may be added on one side before the other.
+
+Encoding an unsupported value raises :class:`~trio_dchan.errors.EncodeError`
+in the calling task.
+
+Untrusted input
+---------------
+:func:`decode` treats its input as hostile. It never imports, instantiates or
+calls anything that was not registered; it accepts only the CBOR tags this
+module writes (no regular expressions, MIME messages, shared or string
+references, no unknown tags); it rejects duplicate map keys, indefinite
+lengths, trailing bytes and nesting deeper than :attr:`Limits.max_depth`. A
+buffer larger than :attr:`Limits.max_size` is refused before any parsing. For
+buffers too small to break the other limits nothing more is needed: cbor2
+reads lengths lazily, so a header that claims more data than the buffer holds
+fails at the end of the buffer without a large allocation. Larger buffers are
+first walked header by header (no values are built) to enforce
+:attr:`Limits.max_items`, :attr:`Limits.max_container_length` and
+:attr:`Limits.max_string_length` before cbor2 builds anything. Whatever goes
+wrong, only :class:`~trio_dchan.errors.DecodeError` escapes.
+
+Batches
+-------
+The data plane ships many messages in one frame. :func:`encode_batch` /
+:func:`decode_batch` turn a sequence of values into one buffer and back with a
+single call into cbor2 (the per-message work happens in cbor2's compiled
+code). :func:`join_encoded` builds the same buffer from messages that were
+already encoded one by one with :func:`encode` (so that each ``send()``
+reports its own encoding error), without encoding them again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import io
+import re
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from datetime import date, datetime
+from decimal import Decimal
+from email.mime.text import MIMEText
+from fractions import Fraction
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
+from typing import Any, Final, TypeVar, overload
+from uuid import UUID
+
+import cbor2
+
+from .errors import DecodeError, EncodeError, RegistrationError
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "Limits",
+    "decode",
+    "decode_batch",
+    "encode",
+    "encode_batch",
+    "join_encoded",
+    "register",
+]
+
+T = TypeVar("T")
+
+# --------------------------------------------------------------------------
+# Wire tags
+# --------------------------------------------------------------------------
+# Tag 27 is CBOR's "object with a type name and constructor arguments":
+# [type name, payload]. The others are private to trio_dchan peers; they sit
+# in the first-come-first-served range and need a 3-byte header.
+TAG_OBJECT: Final = 27
+TAG_TUPLE: Final = 40100
+TAG_FROZENSET: Final = 40101
+TAG_NAIVE_DATETIME: Final = 40102
+TAG_DECIMAL: Final = 40103
+
+# Standard tags that cbor2 decodes itself and that this module writes:
+# 0 datetime string, 2/3 bignums, 37 UUID, 258 set, 1004 date string.
+_BUILTIN_TAGS: Final = frozenset({0, 2, 3, 37, 258, 1004})
+
+_MiB: Final = 1024 * 1024
+
+
+# --------------------------------------------------------------------------
+# Limits
+# --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """What one decoded buffer may cost. Every limit applies to one call.
+
+    The defaults keep the worst case of a hostile buffer near 100 MB of
+    Python objects and its decode time under a second, while leaving real
+    messages (and batches of them) far from any limit. Pass a tighter or
+    looser instance as ``limits=`` where a buffer's origin warrants it.
+    """
+
+    #: Largest buffer accepted at all, in bytes (a whole batch counts once).
+    max_size: int = 16 * _MiB
+    #: Deepest nesting of containers and tags in one value. A registered
+    #: dataclass costs 3 levels (tag, record, field map). 64 is far below
+    #: the depth at which ``repr()`` or ``==`` on the result would hit
+    #: Python's recursion limit in the receiving program.
+    max_depth: int = 64
+    #: Most CBOR data items (every scalar, key, container and tag) in one
+    #: buffer. Each item becomes a Python object of up to ~100 bytes, so this
+    #: bounds memory growth from tiny items such as empty lists.
+    max_items: int = 1 << 20
+    #: Most elements in one array, set or map (map entries count once).
+    max_container_length: int = 1 << 20
+    #: Longest single ``str`` (in UTF-8 bytes) or ``bytes`` value.
+    max_string_length: int = 16 * _MiB
+    # Buffers no longer than this cannot break the item, container or string
+    # limits, so they skip the header walk.
+    _walk_above: int = dataclasses.field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_size",
+            "max_depth",
+            "max_items",
+            "max_container_length",
+            "max_string_length",
+        ):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"Limits.{name} must be a positive int, got {value!r}")
+        if self.max_depth > 10_000:
+            raise ValueError("Limits.max_depth must be at most 10000")
+        object.__setattr__(
+            self,
+            "_walk_above",
+            min(self.max_items, self.max_container_length, self.max_string_length),
+        )
+
+
+DEFAULT_LIMITS: Final = Limits()
+
+
+# --------------------------------------------------------------------------
+# Registry of user types
+# --------------------------------------------------------------------------
+class _Entry:
+    __slots__ = ("build", "cls", "name")
+
+    def __init__(self, cls: type, name: str, build: Callable[[Any], Any]) -> None:
+        self.cls = cls
+        self.name = name
+        self.build = build
+
+
+_by_name: dict[str, _Entry] = {}
+_by_type: dict[type, _Entry] = {}
+_registry_lock = threading.Lock()
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _dataclass_encoder(name: str, field_names: Sequence[str]) -> Callable[[Any, Any], None]:
+    # Generated straight-line code: attribute reads and a dict display are
+    # several times faster than a loop over getattr for small records.
+    items = ", ".join(f"{f!r}: obj.{f}" for f in field_names)
+    source = (
+        "def encode_record(encoder, obj):\n"
+        f"    encoder.encode_semantic({TAG_OBJECT}, [NAME, {{{items}}}])\n"
+    )
+    namespace: dict[str, Any] = {"NAME": name}
+    exec(source, namespace)
+    encoder: Callable[[Any, Any], None] = namespace["encode_record"]
+    return encoder
+
+
+def _dataclass_builder(cls: type, name: str) -> Callable[[Any], Any]:
+    def build(payload: Any) -> Any:
+        if type(payload) is not dict and type(payload) is not _frozendict:
+            raise DecodeError(f"record of registered type {name!r} is not a map of fields")
+        try:
+            fields: Any = payload
+            return cls(**fields)
+        except Exception as exc:
+            raise DecodeError(
+                f"cannot rebuild registered type {name!r}: {_short(str(exc), 200)}"
+            ) from exc
+
+    return build
+
+
+def _enum_encoder(name: str) -> Callable[[Any, Any], None]:
+    def encode_member(encoder: Any, member: Any) -> None:
+        encoder.encode_semantic(TAG_OBJECT, [name, member.value])
+
+    return encode_member
+
+
+def _enum_builder(cls: type, name: str) -> Callable[[Any], Any]:
+    def build(payload: Any) -> Any:
+        try:
+            return cls(payload)
+        except Exception as exc:
+            raise DecodeError(
+                f"no member of registered enum {name!r} has the value {_short(repr(payload))}"
+            ) from exc
+
+    return build
+
+
+@overload
+def register(cls: type[T], *, name: str | None = None) -> type[T]: ...
+@overload
+def register(cls: None = None, *, name: str | None = None) -> Callable[[type[T]], type[T]]: ...
+
+
+def register(
+    cls: type[T] | None = None, *, name: str | None = None
+) -> type[T] | Callable[[type[T]], type[T]]:
+    """Make a dataclass or an enum sendable, like Go's ``gob.Register``.
+
+    ``name`` is the type's name on the wire; it defaults to
+    ``"module.QualifiedName"``. Programs that exchange the type must register
+    it under the same name (pass ``name=`` when the modules differ). Returns
+    the class, so it also works as ``@register`` or ``@register(name=...)``.
+
+    Raises :class:`~trio_dchan.errors.RegistrationError` if ``cls`` is not a
+    dataclass or enum, if ``name`` is already taken by another class, or if
+    the class is already registered under another name. Registering the same
+    class under the same name again does nothing.
+    """
+    if cls is None:
+
+        def decorator(inner: type[T]) -> type[T]:
+            return register(inner, name=name)
+
+        return decorator
+
+    if not isinstance(cls, type):
+        raise RegistrationError(f"register() needs a class, got {cls!r}")
+    wire_name = f"{cls.__module__}.{cls.__qualname__}" if name is None else name
+    if type(wire_name) is not str or not wire_name:
+        raise RegistrationError(f"the wire name must be a non-empty str, got {wire_name!r}")
+
+    build: Callable[[Any], Any]
+    encode_value: Callable[[Any, Any], None]
+    if issubclass(cls, enum.Enum):
+        build = _enum_builder(cls, wire_name)
+        encode_value = _enum_encoder(wire_name)
+    elif dataclasses.is_dataclass(cls):
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+        build = _dataclass_builder(cls, wire_name)
+        encode_value = _dataclass_encoder(wire_name, names)
+    else:
+        raise RegistrationError(
+            f"register() accepts dataclasses and enums; {cls.__qualname__} is neither"
+        )
+
+    with _registry_lock:
+        existing = _by_name.get(wire_name)
+        if existing is not None:
+            if existing.cls is cls:
+                return cls
+            raise RegistrationError(
+                f"the name {wire_name!r} is already registered for "
+                f"{existing.cls.__module__}.{existing.cls.__qualname__}"
+            )
+        previous = _by_type.get(cls)
+        if previous is not None:
+            raise RegistrationError(
+                f"{cls.__qualname__} is already registered as {previous.name!r}"
+            )
+        entry = _Entry(cls, wire_name, build)
+        _by_name[wire_name] = entry
+        _by_type[cls] = entry
+        _ENCODERS[cls] = encode_value
+    return cls
+
+
+# --------------------------------------------------------------------------
+# Encoding
+# --------------------------------------------------------------------------
+_Encoder = cbor2.CBOREncoder
+
+
+def _encode_none(encoder: Any, _value: None) -> None:
+    encoder.encode_none()
+
+
+def _encode_tuple(encoder: Any, value: tuple[Any, ...]) -> None:
+    encoder.encode_semantic(TAG_TUPLE, list(value))
+
+
+def _encode_frozenset(encoder: Any, value: frozenset[Any]) -> None:
+    encoder.encode_semantic(TAG_FROZENSET, list(value))
+
+
+def _encode_datetime(encoder: Any, value: datetime) -> None:
+    if value.utcoffset() is None:
+        encoder.encode_semantic(TAG_NAIVE_DATETIME, value.replace(tzinfo=None).isoformat())
+    else:
+        encoder.encode_datetime(value)
+
+
+def _encode_decimal(encoder: Any, value: Decimal) -> None:
+    # The string form is exact: sign of zero, exponent, NaN payloads and
+    # infinities all survive (cbor2's tag 4 loses some of these).
+    encoder.encode_semantic(TAG_DECIMAL, str(value))
+
+
+def _encode_bytes_like(encoder: Any, value: bytearray | memoryview) -> None:
+    encoder.encode_bytes(bytes(value))
+
+
+def _refuse(encoder: Any, value: Any) -> None:
+    raise EncodeError(
+        f"values of type {type(value).__module__}.{type(value).__qualname__} "
+        "are not supported by trio_dchan's codec; convert the value to plain data"
+    )
+
+
+def _unencodable(encoder: Any, value: Any) -> None:
+    cls = type(value)
+    qualname = f"{cls.__module__}.{cls.__qualname__}"
+    if isinstance(value, enum.Enum) or dataclasses.is_dataclass(value):
+        hint = (
+            f"call trio_dchan.register({cls.__qualname__}) in every program "
+            "that sends or receives it"
+        )
+    else:
+        hint = (
+            "convert it to plain data, or make it a dataclass and call "
+            f"trio_dchan.register({cls.__qualname__})"
+        )
+    raise EncodeError(f"cannot encode a value of unregistered type {qualname}: {hint}")
+
+
+# Every common type maps to an entry, even those cbor2 handles natively: a
+# lookup hit is cheaper than a miss (cbor2 consults this table for every
+# value), and each call through it counts towards Python's recursion limit,
+# so absurdly deep values raise instead of overflowing the C stack.
+_ENCODERS: dict[type, Callable[[Any, Any], None]] = {
+    str: _Encoder.encode_string,
+    int: _Encoder.encode_int,
+    bool: _Encoder.encode_bool,
+    float: _Encoder.encode_float,
+    bytes: _Encoder.encode_bytes,
+    dict: _Encoder.encode_map,
+    list: _Encoder.encode_array,
+    set: _Encoder.encode_set,
+    type(None): _encode_none,
+    tuple: _encode_tuple,
+    frozenset: _encode_frozenset,
+    datetime: _encode_datetime,
+    date: _Encoder.encode_date,
+    Decimal: _encode_decimal,
+    UUID: _Encoder.encode_uuid,
+    bytearray: _encode_bytes_like,
+    memoryview: _encode_bytes_like,
+}
+# Types cbor2 would write but the decoder refuses: fail at the sender.
+for _refused in (
+    complex,
+    Fraction,
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+    MIMEText,
+    re.Pattern,
+    cbor2.CBORTag,
+    cbor2.CBORSimpleValue,
+    type(cbor2.undefined),
+):
+    _ENCODERS[_refused] = _refuse
+del _refused
+
+
+class _EncoderSlot(threading.local):
+    encoder: Any = None
+
+
+_encoder_slot = _EncoderSlot()
+
+
+def _new_encoder() -> Any:
+    return cbor2.CBOREncoder(io.BytesIO(), encoders=_ENCODERS, default=_unencodable)
+
+
+def encode(value: Any) -> bytes:
+    """Encode one value into CBOR bytes.
+
+    Raises :class:`~trio_dchan.errors.EncodeError` (in the calling task) for
+    an unregistered class, an unsupported type or a cyclic value.
+    """
+    encoder = _encoder_slot.encoder
+    if encoder is None:
+        encoder = _encoder_slot.encoder = _new_encoder()
+    try:
+        data: bytes = encoder.encode_to_bytes(value)
+    except Exception as exc:
+        # A failed encode can leave the encoder's bookkeeping behind; start
+        # the next call with a fresh one.
+        _encoder_slot.encoder = None
+        raise _encode_error(exc) from exc
+    return data
+
+
+def _encode_error(exc: Exception) -> EncodeError:
+    if isinstance(exc, EncodeError):
+        return exc
+    if isinstance(exc, RecursionError):
+        return EncodeError("value is nested too deeply to encode")
+    if isinstance(exc, cbor2.CBOREncodeValueError) and "cyclic" in str(exc):
+        return EncodeError("cannot encode a value that contains itself (a cycle)")
+    return EncodeError(f"cannot encode value: {type(exc).__name__}: {_short(str(exc), 200)}")
+
+
+def encode_batch(values: Iterable[Any]) -> bytes:
+    """Encode many values into one buffer that :func:`decode_batch` reads.
+
+    Equivalent to ``join_encoded([encode(v) for v in values])`` but encodes
+    in one call. Raises :class:`~trio_dchan.errors.EncodeError` if any value
+    cannot be encoded (nothing is returned then).
+    """
+    if type(values) is not list:
+        values = list(values)
+    return encode(values)
+
+
+def _array_header(count: int) -> bytes:
+    if count < 24:
+        return bytes((0x80 | count,))
+    if count < 0x100:
+        return bytes((0x98, count))
+    if count < 0x10000:
+        return b"\x99" + count.to_bytes(2, "big")
+    if count < 0x100000000:
+        return b"\x9a" + count.to_bytes(4, "big")
+    return b"\x9b" + count.to_bytes(8, "big")
+
+
+def join_encoded(items: Sequence[bytes]) -> bytes:
+    """Frame values already encoded with :func:`encode` as one batch buffer.
+
+    The result is exactly what :func:`encode_batch` of the original values
+    returns; the items are copied once and never re-encoded. Each item must
+    be the output of :func:`encode`: this function does not inspect them
+    (a malformed item makes :func:`decode_batch` fail on the receiving side).
+    """
+    parts = [_array_header(len(items))]
+    parts.extend(items)
+    return b"".join(parts)
+
+
+# --------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------
+_frozendict: type = getattr(cbor2, "frozendict", dict)
+
+
+def _decode_object(value: Any, _immutable: bool) -> Any:
+    if (type(value) is not list and type(value) is not tuple) or len(value) != 2:
+        raise DecodeError("a registered-type record must be [type name, payload]")
+    name, payload = value
+    if type(name) is not str:
+        raise DecodeError("a registered-type record must start with the type's name")
+    entry = _by_name.get(name)
+    if entry is None:
+        raise DecodeError(
+            f"unknown type name {_short(name)!r}: the receiving program must call "
+            "trio_dchan.register() on the class the sender registered under that name"
+        )
+    return entry.build(payload)
+
+
+def _decode_tuple(value: Any, _immutable: bool) -> tuple[Any, ...]:
+    if type(value) is not list and type(value) is not tuple:
+        raise DecodeError("a tuple must be encoded as an array")
+    return tuple(value)
+
+
+def _decode_frozenset(value: Any, _immutable: bool) -> frozenset[Any]:
+    if type(value) is not list and type(value) is not tuple:
+        raise DecodeError("a frozenset must be encoded as an array")
+    try:
+        return frozenset(value)
+    except TypeError as exc:
+        raise DecodeError(f"frozenset element is not hashable: {exc}") from exc
+
+
+def _decode_naive_datetime(value: Any, _immutable: bool) -> datetime:
+    if type(value) is not str or len(value) > 64:
+        raise DecodeError("a naive datetime must be a short ISO 8601 string")
+    try:
+        result = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise DecodeError(f"invalid naive datetime {value!r}") from exc
+    if result.tzinfo is not None:
+        raise DecodeError(f"naive datetime {value!r} carries a UTC offset")
+    return result
+
+
+def _decode_decimal(value: Any, _immutable: bool) -> Decimal:
+    if type(value) is not str:
+        raise DecodeError("a Decimal must be encoded as a string")
+    try:
+        return Decimal(value)
+    except Exception as exc:
+        raise DecodeError(f"invalid Decimal {_short(value)!r}") from exc
+
+
+class _TagTable(dict[int, Callable[[Any, bool], Any]]):
+    """Tag number -> decoder, consulted by cbor2 before it decodes a tag.
+
+    cbor2 falls back to its built-in decoder for a tag when the lookup raises
+    ``LookupError``; that is allowed only for the standard tags this module
+    writes. Any other tag is refused before its content is read.
+    """
+
+    def __missing__(self, tag: int) -> Callable[[Any, bool], Any]:
+        if tag in _BUILTIN_TAGS:
+            raise KeyError(tag)
+        raise DecodeError(f"CBOR tag {tag} is not accepted")
+
+
+_TAGS = _TagTable(
+    {
+        TAG_OBJECT: _decode_object,
+        TAG_TUPLE: _decode_tuple,
+        TAG_FROZENSET: _decode_frozenset,
+        TAG_NAIVE_DATETIME: _decode_naive_datetime,
+        TAG_DECIMAL: _decode_decimal,
+    }
+)
+
+
+def _walk(data: bytes, limits: Limits, max_depth: int) -> None:
+    """Check a buffer's headers against ``limits`` without building values.
+
+    Also rejects what cbor2 would reject anyway (truncation, indefinite
+    lengths, reserved header values, trailing bytes), so that cbor2 only
+    ever runs on buffers whose sizes are known to be within bounds.
+    """
+    end = len(data)
+    max_items = limits.max_items
+    max_container = limits.max_container_length
+    max_string = limits.max_string_length
+    pos = 0
+    items = 0
+    remaining = 1  # items still to read in the innermost open container
+    stack: list[int] = []  # ``remaining`` of each enclosing container
+    while True:
+        if remaining == 0:
+            if not stack:
+                break
+            remaining = stack.pop()
+            continue
+        remaining -= 1
+        if pos >= end:
+            raise DecodeError("truncated CBOR data")
+        initial = data[pos]
+        pos += 1
+        items += 1
+        if items > max_items:
+            raise DecodeError(f"more than {max_items} CBOR items in one buffer")
+        major = initial >> 5
+        info = initial & 0x1F
+        if info < 24:
+            argument = info
+        elif info == 24:
+            if pos >= end:
+                raise DecodeError("truncated CBOR data")
+            argument = data[pos]
+            pos += 1
+        elif info <= 27:
+            width = 1 << (info - 24)
+            if pos + width > end:
+                raise DecodeError("truncated CBOR data")
+            argument = int.from_bytes(data[pos : pos + width], "big")
+            pos += width
+        elif info == 31:
+            raise DecodeError("indefinite-length CBOR items are not accepted")
+        else:
+            raise DecodeError(f"reserved CBOR header value {info}")
+        if major == 2 or major == 3:
+            if argument > max_string:
+                raise DecodeError(f"string of {argument} bytes exceeds the limit of {max_string}")
+            pos += argument
+            if pos > end:
+                raise DecodeError("truncated CBOR data")
+        elif major == 4 or major == 5:
+            if argument > max_container:
+                raise DecodeError(
+                    f"container of {argument} elements exceeds the limit of {max_container}"
+                )
+            if argument:
+                if len(stack) >= max_depth:
+                    raise DecodeError(f"nesting deeper than {max_depth}")
+                stack.append(remaining)
+                remaining = argument if major == 4 else 2 * argument
+        elif major == 6:
+            if len(stack) >= max_depth:
+                raise DecodeError(f"nesting deeper than {max_depth}")
+            stack.append(remaining)
+            remaining = 1
+    if pos != end:
+        raise DecodeError(f"{end - pos} trailing bytes after the CBOR value")
+
+
+def _find_decode_error(exc: BaseException) -> DecodeError | None:
+    # cbor2 wraps exceptions raised by tag decoders in CBORDecodeError with
+    # the original as __cause__; surface ours with their own message.
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 16:
+        if isinstance(current, DecodeError):
+            return current
+        current = current.__cause__
+        seen += 1
+    return None
+
+
+def _decode(data: Any, limits: Limits | None, extra_depth: int) -> Any:
+    if limits is None:
+        limits = DEFAULT_LIMITS
+    if type(data) is not bytes:
+        data = bytes(memoryview(data))
+    size = len(data)
+    if size > limits.max_size:
+        raise DecodeError(f"buffer of {size} bytes exceeds the limit of {limits.max_size}")
+    max_depth = limits.max_depth + extra_depth
+    if size > limits._walk_above:
+        _walk(data, limits, max_depth)
+    stream = io.BytesIO(data)
+    try:
+        value = cbor2.CBORDecoder(
+            stream,
+            read_size=size or 1,
+            semantic_decoders=_TAGS,
+            max_depth=max_depth,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+        ).decode()
+    except DecodeError:
+        raise
+    except Exception as exc:
+        ours = _find_decode_error(exc)
+        if ours is not None:
+            raise DecodeError(str(ours)) from exc
+        raise DecodeError(
+            f"malformed CBOR data: {type(exc).__name__}: {_short(str(exc), 200)}"
+        ) from exc
+    if stream.tell() != size:
+        raise DecodeError(f"{size - stream.tell()} trailing bytes after the CBOR value")
+    return value
+
+
+def decode(data: bytes | bytearray | memoryview, *, limits: Limits | None = None) -> Any:
+    """Decode one value produced by :func:`encode`.
+
+    ``data`` is untrusted; anything wrong with it raises
+    :class:`~trio_dchan.errors.DecodeError`. ``limits`` defaults to
+    :data:`DEFAULT_LIMITS`.
+    """
+    return _decode(data, limits, 0)
+
+
+def decode_batch(
+    data: bytes | bytearray | memoryview, *, limits: Limits | None = None
+) -> list[Any]:
+    """Decode a buffer from :func:`encode_batch` or :func:`join_encoded`.
+
+    Each value gets the full ``limits.max_depth``; the other limits apply to
+    the buffer as a whole. A buffer that is not a batch, or any invalid
+    message in it, raises :class:`~trio_dchan.errors.DecodeError` for the
+    whole buffer.
+    """
+    value = _decode(data, limits, 1)
+    if type(value) is not list:
+        raise DecodeError("a batch must be a CBOR array of messages")
+    return value
