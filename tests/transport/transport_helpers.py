@@ -86,3 +86,52 @@ async def transports(
             )
             out.append(t)
         yield ids, out
+
+
+class RawCodec:
+    """A grpclib codec that sends and returns raw bytes (to play a broken peer)."""
+
+    __content_subtype__ = "proto"
+
+    def encode(self, message: bytes, message_type: Any) -> bytes:
+        return message
+
+    def decode(self, data: bytes, message_type: Any) -> bytes:
+        return data
+
+
+async def raw_call(
+    address: str,
+    path: str,
+    messages: Sequence[bytes],
+    *,
+    metadata: dict[str, str],
+    stream_reply: bool = False,
+) -> tuple[str, str | None, list[bytes]]:
+    """Run on asyncio: send raw messages on ``path``; return (status, details, replies)."""
+    from grpclib.client import Channel
+    from grpclib.const import Cardinality
+    from grpclib.exceptions import GRPCError, StreamTerminatedError
+
+    host, port = address.rsplit(":", 1)
+    channel = Channel(host, int(port), codec=RawCodec())  # type: ignore[arg-type]
+    replies: list[bytes] = []
+    try:
+        card = Cardinality.STREAM_STREAM if stream_reply else Cardinality.STREAM_UNARY
+        async with channel.request(
+            path, card, bytes, bytes, timeout=5, metadata=metadata
+        ) as stream:
+            for m in messages:
+                await stream.send_message(m)
+            await stream.end()
+            while (reply := await stream.recv_message()) is not None:
+                replies.append(reply)
+                if not stream_reply:
+                    break
+        return "OK", None, replies
+    except GRPCError as exc:
+        return exc.status.name, exc.message, replies
+    except StreamTerminatedError as exc:
+        return "RESET", str(exc), replies
+    finally:
+        channel.close()

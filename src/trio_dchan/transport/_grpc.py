@@ -22,6 +22,7 @@ import betterproto2
 from grpclib.client import Channel
 from grpclib.client import Stream as ClientStream
 
+from ._strict import check_wire
 from .errors import MessageTooLarge, PeerProtocolError
 
 M = TypeVar("M", bound=betterproto2.Message)
@@ -57,6 +58,7 @@ async def _recv(h2_stream: Any, recv_type: type[M], limit: int) -> M | None:
     body = await h2_stream.recv_data(size) if size else b""
     if len(body) != size:
         raise PeerProtocolError("truncated gRPC message")
+    check_wire(body, recv_type)
     try:
         return recv_type.parse(body)
     except Exception as exc:
@@ -72,6 +74,16 @@ async def open_stream(stream: ClientStream[Any, Any]) -> None:
     """Enter a client stream and send its request headers (connects if needed)."""
     await stream.__aenter__()
     await stream.send_request()
+
+
+async def watch(stream: ClientStream[Any, Any]) -> None:
+    """Return when the server answers a client stream early; raise if it failed it.
+
+    A server of a client-streaming call answers only after the client ended
+    its half, unless it refuses or fails the call (trailers-only answer), or
+    the connection is lost: those raise here.
+    """
+    await stream.recv_initial_metadata()
 
 
 async def send(stream: Any, message: betterproto2.Message) -> None:

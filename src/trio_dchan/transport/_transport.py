@@ -245,8 +245,12 @@ class _LinkBase:
     async def _break(self, exc: BaseException) -> None:
         if self._broken is None:
             self._broken = exc
-            with trio.CancelScope(shield=True):
-                await self._reset()
+            if self._reset_on(exc):
+                with trio.CancelScope(shield=True):
+                    await self._reset()
+
+    def _reset_on(self, exc: BaseException) -> bool:
+        return True
 
     async def _reset(self) -> None:
         raise NotImplementedError
@@ -257,6 +261,11 @@ class _ServerLink(_LinkBase):
 
     async def _reset(self) -> None:
         await self._aio(_grpc.cancel_server_stream)(self._stream)
+
+    def _reset_on(self, exc: BaseException) -> bool:
+        # Bad input from the peer is answered with a status once the handler
+        # returns; only a broken or abandoned stream is reset.
+        return not isinstance(exc, MessageTooLarge | PeerProtocolError)
 
     async def aclose(self) -> None:
         # Returning from the handler ends the call with the trailers.
@@ -370,8 +379,10 @@ class GrpcTransport:
         self._nursery: trio.Nursery | None = None
         self._closing = False
         self.port: int = 0
-        #: Calls refused by this node's server, by reason (for tests and stats).
+        #: Calls refused by this node's server, by reason: ``cluster``, ``node``,
+        #: ``size``, ``input``.
         self.refused: dict[str, int] = {}
+        self._refused_changed = trio.Event()
         self._service = _Service(self, None, None, None)
         self._loop: Any = None
 
@@ -542,14 +553,20 @@ class GrpcTransport:
         return out
 
     async def _raft_pump(self, peer: _Peer) -> None:
-        """Move ``peer``'s queued Raft messages onto one long-lived stream."""
+        """Move ``peer``'s queued Raft messages onto one long-lived stream.
+
+        A batch whose send failed is retried once on the next stream (it
+        certainly did not arrive); messages queued while the peer was
+        unreachable are dropped, since Raft resends what still matters.
+        """
         s = self.settings
         recv = peer.raft_recv
         pending: list[Message] = []
+        retried = False
         while True:
             if not pending:
                 try:
-                    pending = [await recv.receive()]
+                    pending.append(await recv.receive())
                 except trio.EndOfChannel:
                     return
             await self._wait_retry(peer)
@@ -558,23 +575,19 @@ class GrpcTransport:
                 stream = await self._open(
                     peer, _RAFT_STREAM, pb.RaftBatch, pb.StreamSummary, s.stream_lifetime
                 )
-                rotate_at = trio.current_time() + s.stream_lifetime / 2
-                while True:
-                    self._drain(recv, pending)
-                    batch = self._to_batch(peer, pending)
-                    pending = []
-                    if batch.messages:
-                        with trio.fail_after(s.send_timeout):
-                            await self._aio(_grpc.send)(stream, batch)
-                        peer.sent += len(batch.messages)
-                        peer.failures = 0
-                    with trio.move_on_at(rotate_at):
-                        try:
-                            pending = [await recv.receive()]
-                        except trio.EndOfChannel:
-                            break
-                        continue
-                    break
+                broken: list[BaseException] = []
+                async with trio.open_nursery() as nursery:
+                    # The peer may end the stream at any time (refusal, restart):
+                    # notice it at once rather than on the next send.
+                    nursery.start_soon(self._watch, stream, nursery.cancel_scope, broken)
+                    try:
+                        await self._pump_stream(peer, stream, pending)
+                    except _LINK_ERRORS as exc:
+                        broken.append(exc)
+                    nursery.cancel_scope.cancel()
+                if broken:
+                    raise broken[0]
+                retried = False
                 # Stream too old (or the peer was removed): finish it cleanly.
                 with trio.fail_after(s.send_timeout):
                     await self._aio(_grpc.finish_client_stream)(
@@ -584,18 +597,57 @@ class GrpcTransport:
             except _LINK_ERRORS as exc:
                 self._log_link_failure(peer, "raft stream", exc)
                 self._backoff(peer)
-                # What was queued while the link was down is stale: Raft resends.
                 while True:
                     try:
                         recv.receive_nowait()
                         peer.dropped += 1
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                pending = []
+                if retried:
+                    peer.dropped += len(pending)
+                    pending.clear()
+                retried = bool(pending)
             finally:
                 if stream is not None:
                     with trio.CancelScope(shield=True):
                         await self._aio(_grpc.abort)(stream)
+
+    async def _pump_stream(
+        self, peer: _Peer, stream: ClientStream[Any, Any], pending: list[Message]
+    ) -> None:
+        """Send batches on ``stream`` until it is due for replacement.
+
+        ``pending`` holds the messages not yet handed to grpclib; it is empty
+        when this returns normally.
+        """
+        s = self.settings
+        recv = peer.raft_recv
+        rotate_at = trio.current_time() + s.stream_lifetime / 2
+        while True:
+            self._drain(recv, pending)
+            batch = self._to_batch(peer, pending)
+            if batch.messages:
+                with trio.fail_after(s.send_timeout):
+                    await self._aio(_grpc.send)(stream, batch)
+                peer.sent += len(batch.messages)
+                peer.failures = 0
+            pending.clear()
+            with trio.move_on_at(rotate_at):
+                try:
+                    pending.append(await recv.receive())
+                except trio.EndOfChannel:
+                    return
+                continue
+            return
+
+    async def _watch(
+        self, stream: ClientStream[Any, Any], scope: trio.CancelScope, broken: list[BaseException]
+    ) -> None:
+        try:
+            await self._aio(_grpc.watch)(stream)
+        except _LINK_ERRORS as exc:
+            broken.append(exc)
+            scope.cancel()
 
     async def _snapshot_pump(self, peer: _Peer) -> None:
         """Send snapshot chunks on InstallSnapshot streams, one stream per transfer."""
@@ -783,6 +835,16 @@ class GrpcTransport:
 
     # -------------------------------------------------------- statistics --
 
+    def _count_refusal(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        self._refused_changed.set()
+        self._refused_changed = trio.Event()
+
+    async def wait_refused(self, reason: str, count: int) -> None:
+        """Wait until this node refused at least ``count`` calls for ``reason``."""
+        while self.refused.get(reason, 0) < count:
+            await self._refused_changed.wait()
+
     def statistics(self) -> dict[NodeId, dict[str, int]]:
         """Per peer: Raft messages sent, dropped, consecutive failures."""
         return {
@@ -854,7 +916,7 @@ class _Service:
 
     def _refuse(self, stream: Any, reason: str, message: str) -> NoReturn:
         t = self._t
-        t.refused[reason] = t.refused.get(reason, 0) + 1
+        t._count_refusal(reason)
         peer = stream.peer.addr() if stream.peer is not None else None
         log.warning("%s refused a call from %s: %s", t.node_id, peer, message)
         raise GRPCError(Status.PERMISSION_DENIED, message)
@@ -882,11 +944,11 @@ class _Service:
             try:
                 await trio_fn(stream, caller)
             except MessageTooLarge as exc:
-                t.refused["size"] = t.refused.get("size", 0) + 1
+                t._count_refusal("size")
                 log.warning("%s refused a message from %s: %s", t.node_id, caller, exc)
                 raise GRPCError(Status.RESOURCE_EXHAUSTED, str(exc)) from None
             except (PeerProtocolError, DchanError) as exc:
-                t.refused["input"] = t.refused.get("input", 0) + 1
+                t._count_refusal("input")
                 log.warning("%s refused bad input from %s: %s", t.node_id, caller, exc)
                 raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
 
@@ -1013,13 +1075,14 @@ class _Service:
         )
         try:
             await self._data.serve_stream(caller, link)
+        except trio.BrokenResourceError:
+            if not isinstance(link._broken, MessageTooLarge | PeerProtocolError):
+                raise
         finally:
             link._closed = True
-        if link._broken is not None and isinstance(link._broken, _LINK_ERRORS):
-            # The handler gave up because the stream broke: report why.
-            broken = link._broken
-            if isinstance(broken, MessageTooLarge | PeerProtocolError):
-                raise broken
+        if isinstance(link._broken, MessageTooLarge | PeerProtocolError):
+            # The handler gave up because the peer sent bad input: say why.
+            raise link._broken
 
 
 class _TrackingServer(Server):
