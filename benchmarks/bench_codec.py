@@ -1,0 +1,169 @@
+"""Codec throughput against plain cbor2, measured in the same run.
+
+For each payload (a small dict, a 4 KiB bytes value, a registered dataclass)
+it times encode+decode of N messages one at a time and in batches, with
+trio_dchan's codec and with plain ``cbor2.dumps``/``cbor2.loads`` of the same
+values (for the dataclass: of the equivalent dict). Ratios are codec
+throughput / cbor2 throughput, so higher is better and 1.0 is parity.
+
+Targets from the issue: batched plain data >= 0.8x, registered dataclass
+batched >= 0.4x plain cbor2 of the equivalent dict.
+
+Rounds of the codec and of the baseline alternate and the best round of each
+is kept, which keeps the ratios steady on a busy machine. The last line of
+output is one JSON object holding every figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import cbor2
+
+from trio_dchan import codec
+
+N = 16384  # messages per round
+BATCH = 256  # messages per batch
+ROUNDS = 7
+
+
+@codec.register(name="bench.Order")
+@dataclasses.dataclass(frozen=True, slots=True)
+class Order:
+    id: int
+    item: str
+    qty: int
+
+
+def small(i: int) -> dict[str, Any]:
+    return {"id": i, "item": "widget", "qty": 3}
+
+
+def chunks(values: list[Any]) -> list[list[Any]]:
+    return [values[i : i + BATCH] for i in range(0, len(values), BATCH)]
+
+
+def codec_single(values: list[Any]) -> Callable[[], None]:
+    def run() -> None:
+        for v in values:
+            codec.decode(codec.encode(v))
+
+    return run
+
+
+def cbor_single(values: list[Any]) -> Callable[[], None]:
+    def run() -> None:
+        for v in values:
+            cbor2.loads(cbor2.dumps(v))
+
+    return run
+
+
+def codec_batched(values: list[Any]) -> Callable[[], None]:
+    batches = chunks(values)
+
+    def run() -> None:
+        for batch in batches:
+            codec.decode_batch(codec.encode_batch(batch))
+
+    return run
+
+
+def codec_joined(values: list[Any]) -> Callable[[], None]:
+    # The data plane's path: each message encoded in its sender's task,
+    # then framed without re-encoding.
+    batches = chunks(values)
+
+    def run() -> None:
+        for batch in batches:
+            codec.decode_batch(codec.join_encoded([codec.encode(v) for v in batch]))
+
+    return run
+
+
+def cbor_batched(values: list[Any]) -> Callable[[], None]:
+    batches = chunks(values)
+
+    def run() -> None:
+        for batch in batches:
+            cbor2.loads(cbor2.dumps(batch))
+
+    return run
+
+
+def best_rates(contenders: dict[str, Callable[[], None]], n: int) -> dict[str, float]:
+    best = dict.fromkeys(contenders, float("inf"))
+    for _ in range(ROUNDS):
+        for name, run in contenders.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: n / seconds for name, seconds in best.items()}
+
+
+def main() -> None:
+    payloads: dict[str, tuple[list[Any], list[Any]]] = {
+        # name: (values for the codec, equivalent values for plain cbor2)
+        "small_dict": ([small(i) for i in range(N)], [small(i) for i in range(N)]),
+        "bytes_4k": (
+            [bytes([i % 256]) * 4096 for i in range(N // 4)],
+            [bytes([i % 256]) * 4096 for i in range(N // 4)],
+        ),
+        "dataclass": (
+            [Order(i, "widget", 3) for i in range(N)],
+            [small(i) for i in range(N)],
+        ),
+    }
+    # Correctness guard: the benchmark measures real round trips.
+    for mine, _ in payloads.values():
+        assert codec.decode_batch(codec.encode_batch(mine[:BATCH])) == mine[:BATCH]
+        assert (
+            codec.decode_batch(codec.join_encoded([codec.encode(v) for v in mine[:3]]))
+            == (mine[:3])
+        )
+
+    figures: dict[str, float] = {}
+    print(f"{'payload':<12} {'mode':<8} {'codec msg/s':>12} {'cbor2 msg/s':>12} {'ratio':>6}")
+    for name, (mine, plain) in payloads.items():
+        n = len(mine)
+        rates = best_rates(
+            {
+                "codec_single": codec_single(mine),
+                "cbor2_single": cbor_single(plain),
+                "codec_batched": codec_batched(mine),
+                "codec_joined": codec_joined(mine),
+                "cbor2_batched": cbor_batched(plain),
+            },
+            n,
+        )
+        rows = [
+            ("single", rates["codec_single"], rates["cbor2_single"]),
+            ("batched", rates["codec_batched"], rates["cbor2_batched"]),
+            ("joined", rates["codec_joined"], rates["cbor2_batched"]),
+        ]
+        for mode, ours, base in rows:
+            ratio = ours / base
+            print(f"{name:<12} {mode:<8} {ours:>12,.0f} {base:>12,.0f} {ratio:>6.2f}")
+            figures[f"{name}_{mode}_codec_msgs_per_s"] = round(ours)
+            figures[f"{name}_{mode}_ratio"] = round(ratio, 3)
+        figures[f"{name}_single_cbor2_msgs_per_s"] = round(rates["cbor2_single"])
+        figures[f"{name}_batched_cbor2_msgs_per_s"] = round(rates["cbor2_batched"])
+        # Batched codec against the way a program without batching would
+        # use plain cbor2 (one dumps/loads per message).
+        figures[f"{name}_batched_vs_cbor2_single_ratio"] = round(
+            rates["codec_batched"] / rates["cbor2_single"], 3
+        )
+    figures["target_small_dict_batched_ratio"] = 0.8
+    figures["target_dataclass_batched_ratio"] = 0.4
+    figures["cbor2_version"] = cbor2.__version__ if hasattr(cbor2, "__version__") else 0
+    sys.stdout.flush()
+    print(json.dumps(figures, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
