@@ -51,6 +51,16 @@ class RecordingHandler:
         while len(self.messages) < count:
             await self._changed.wait()
 
+    async def resend_until_delivered(
+        self, transport: Any, message: Message, interval: float = 0.05
+    ) -> None:
+        """Send ``message`` again every ``interval`` until one copy arrives (Raft's retries)."""
+        target = len(self.messages) + 1
+        while len(self.messages) < target:
+            transport.send([message])
+            with trio.move_on_after(interval):
+                await self.wait_for(target)
+
 
 @asynccontextmanager
 async def transports(
