@@ -15,8 +15,9 @@ from typing import Any
 
 import cbor2
 
+from trio_dchan import codec
 from trio_dchan._proto.dchan import v1 as pb
-from trio_dchan.errors import DchanError
+from trio_dchan.errors import DchanError, DecodeError
 from trio_dchan.raft.transport import Unavailable
 
 from .errors import PeerProtocolError, RemoteCallError
@@ -29,7 +30,6 @@ _ERROR_MODULES = (
     "trio_dchan.transport.errors",
 )
 _SCALARS = (str, int, float, bool, type(None))
-_MAX_RESULT_BYTES = 1 << 20
 
 
 def error_to_pb(exc: BaseException) -> pb.RemoteError:
@@ -84,14 +84,12 @@ def error_from_pb(peer: str, err: pb.RemoteError) -> DchanError:
 
 
 def encode_result(value: object) -> bytes:
-    """Encode an apply result (plain data) for the reply."""
-    return cbor2.dumps(value)
+    """Encode an apply result for the reply, with the library codec."""
+    return codec.encode(value)
 
 
 def decode_result(peer: str, data: bytes) -> Any:
-    if len(data) > _MAX_RESULT_BYTES:
-        raise PeerProtocolError(f"apply result from {peer} is too large")
     try:
-        return cbor2.loads(data)
-    except Exception as exc:
+        return codec.decode(data)
+    except DecodeError as exc:
         raise PeerProtocolError(f"undecodable apply result from {peer}: {exc}") from None
