@@ -56,7 +56,10 @@ def churn(
                 accepted += 1
         sim.run_ticks(rng.randint(1, 8))
         event = rng.random()
-        if crash and event < 0.15:
+        lead = sim.leader()
+        if crash and lead is not None and event < 0.08:
+            sim.crash(lead)
+        elif crash and event < 0.15:
             alive = sim.alive()
             if len(alive) > (n + 1) // 2:
                 sim.crash(rng.choice(alive))
