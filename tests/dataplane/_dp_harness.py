@@ -8,6 +8,7 @@ tests). Nodes reach each other over :func:`memory_link_pair` links.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -40,6 +41,9 @@ class Cluster:
         self.links: list[tuple[str, str, DataLink, DataLink]] = []
         #: Node ids whose links refuse to open (simulates an unreachable node).
         self.unreachable: set[str] = set()
+        #: Nodes played by the test itself: the far end of each link opened to
+        #: one of them is handed to the test through this channel.
+        self.fake_links: dict[str, trio.MemorySendChannel[DataLink]] = {}
 
     async def propose(self, data: bytes) -> object:
         # Test stand-in for Raft: commit and apply at once, in order.
@@ -55,7 +59,10 @@ class Cluster:
                 raise OSError(f"{peer} unreachable")
             ours, theirs = memory_link_pair(max_frame_bytes=self.settings.max_frame_bytes)
             self.links.append((me, peer, ours, theirs))
-            self.nursery.start_soon(self._serve, peer, me, theirs)
+            if peer in self.fake_links:
+                await self.fake_links[peer].send(theirs)
+            else:
+                self.nursery.start_soon(self._serve, peer, me, theirs)
             return ours
 
         return open_link
@@ -65,6 +72,11 @@ class Cluster:
             await self.planes[node].serve_stream(peer, link)
         except Exception:
             pass  # a refused stream; the tests look at its effects
+
+    def fake_node(self, node_id: str) -> trio.MemoryReceiveChannel[DataLink]:
+        send, receive = trio.open_memory_channel[DataLink](math.inf)
+        self.fake_links[node_id] = send
+        return receive
 
     async def add(self, node_id: str) -> DataPlane:
         plane = DataPlane(
