@@ -39,6 +39,7 @@ from typing import Any
 from .core import RaftConfig, RaftCore
 from .errors import RaftError
 from .types import (
+    ConfChange,
     ConfState,
     Entry,
     EntryType,
@@ -583,6 +584,20 @@ class Simulator:
         self._record("propose", node_id, index, core.term)
         self._process(self.nodes[node_id])
         return index, core.term
+
+    def conf_change(self, node_id: NodeId, cc: ConfChange) -> tuple[int, int]:
+        """Propose a membership change on ``node_id`` (errors propagate)."""
+        core = self.core(node_id)
+        index = core.propose_conf_change(cc)
+        self._record("conf_change", node_id, index, int(cc.type), cc.node_id)
+        self._process(self.nodes[node_id])
+        return index, core.term
+
+    def transfer(self, node_id: NodeId, target: NodeId) -> None:
+        """Ask leader ``node_id`` to hand leadership to ``target`` (errors propagate)."""
+        self.core(node_id).transfer_leadership(target)
+        self._record("transfer", node_id, target)
+        self._process(self.nodes[node_id])
 
     def applied_at(self, index: int) -> list[tuple[NodeId, bytes | None]]:
         """What each live-or-dead node's state machine holds at ``index``."""
