@@ -68,8 +68,7 @@ def test_membership_add_remove() -> None:
     index, _ = sim.conf_change(old, ConfChange(REMOVE, old))
     rest = [n for n in sorted(sim.nodes) if n != old]
     sim.run_until(
-        lambda: sim.core(old).role is not Role.LEADER
-        and sim.leader_among(set(rest)) is not None,
+        lambda: sim.core(old).role is not Role.LEADER and sim.leader_among(set(rest)) is not None,
         10 * ELECTION,
         "a new leader after removing the old one",
     )

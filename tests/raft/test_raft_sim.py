@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from _raft_scenarios import UNRELIABLE, churn, settle, sweep_seeds
 
 from trio_dchan.raft.sim import SimulationError, Simulator
@@ -67,12 +68,8 @@ def test_seed_replay() -> None:
 
 def test_failure_names_the_seed() -> None:
     sim = Simulator(3, seed=987)
-    try:
+    with pytest.raises(SimulationError, match="SEED=987 to replay"):
         sim.run_until(lambda: False, 3, "the impossible")
-    except SimulationError as exc:
-        assert "SEED=987 to replay" in str(exc)
-    else:
-        raise AssertionError("run_until did not time out")
 
 
 def test_seed_sweep() -> None:
