@@ -96,6 +96,7 @@ async def transports(
             )
             out.append(t)
         yield ids, out
+    assert [t.asyncio_errors for t in out] == [0] * n
 
 
 class RawCodec:

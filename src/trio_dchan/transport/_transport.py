@@ -7,6 +7,7 @@ Trio calls once per batch or frame. See ``docs/transport.md``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import random
@@ -385,6 +386,17 @@ class GrpcTransport:
         self._refused_changed = trio.Event()
         self._service = _Service(self, None, None, None)
         self._loop: Any = None
+        #: Errors asyncio reported through its exception handler (leaks); 0 when healthy.
+        self.asyncio_errors = 0
+
+    def _asyncio_error(self, loop: Any, context: dict[str, Any]) -> None:
+        self.asyncio_errors += 1
+        log.error(
+            "%s: asyncio reported: %s",
+            self.node_id,
+            context.get("message", "unhandled error"),
+            exc_info=context.get("exception"),
+        )
 
     def _aio(self, fn: Callable[..., Any]) -> Any:
         """``fn`` (an asyncio coroutine function) made callable from Trio, on our loop."""
@@ -461,9 +473,13 @@ class GrpcTransport:
                 _keepalive_timeout=self.settings.keepalive_timeout,
                 _keepalive_permit_without_calls=True,
             )
-            peer.channel = await self._aio(_grpc.make_channel)(
+            channel = await self._aio(_grpc.make_channel)(
                 host, port, ssl=self._client_ssl, config=config
             )
+            # Another task may have made one meanwhile: keep a single channel per
+            # peer (an unused Channel holds no connection and needs no close).
+            if peer.channel is None:
+                peer.channel = channel
         return peer.channel
 
     def _drop_channel(self, peer: _Peer) -> None:
@@ -943,6 +959,10 @@ class _Service:
                 self._refuse(stream, "node", f"node {caller!r} is not a member of the cluster")
             try:
                 await trio_fn(stream, caller)
+            except StreamTerminatedError:
+                # The peer reset the stream or the connection dropped; grpclib
+                # cancelled this handler and expects it to end as cancelled.
+                raise asyncio.CancelledError() from None
             except MessageTooLarge as exc:
                 t._count_refusal("size")
                 log.warning("%s refused a message from %s: %s", t.node_id, caller, exc)
@@ -1174,6 +1194,11 @@ async def open_transport(
     service = transport._service
     async with trio_asyncio.open_loop() as loop, trio.open_nursery() as nursery:
         transport._loop = loop
+        # trio-asyncio turns every call of asyncio's exception handler (an
+        # unclosed resource noticed by a __del__, a task exception nobody
+        # retrieved) into an exception that crashes the loop, i.e. the node.
+        # Those are leaks, not failures of the node: log them loudly instead.
+        loop.set_exception_handler(transport._asyncio_error)
         transport._nursery = nursery
         server = await transport._aio(_make_server)(service)
         if sock is not None:
