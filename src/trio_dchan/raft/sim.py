@@ -383,7 +383,9 @@ class Simulator:
                 seen[key] = rec
             elif old != rec:
                 raise self.fail(f"log matching broken at index {e.index} term {e.term}")
-            c = committed.get(e.index)
+            # A lagging node may well hold a stale entry at an index committed
+            # elsewhere; what must never happen is replacing one it committed.
+            c = committed.get(e.index) if e.index <= node.commit_seen else None
             if c is not None and c[0] != e.term:
                 raise self.fail(
                     f"{node.id} overwrote committed entry {e.index} with term {e.term}"
