@@ -213,6 +213,8 @@ class Simulator:
         #: Entries carried by APPEND messages, counted per (recipient, data).
         self.sent_entries = 0
         self.on_send: Callable[[Message], None] | None = None
+        #: A targeted fault: messages for which it returns true are lost.
+        self.drop_filter: Callable[[Message], bool] | None = None
         for node in self.nodes.values():
             self._start(node)
 
@@ -291,6 +293,9 @@ class Simulator:
         if self.on_send is not None:
             self.on_send(m)
         if not self.connected(m.sender, m.to):
+            return
+        if self.drop_filter is not None and self.drop_filter(m):
+            self._record("filtered", m.sender, m.to, int(m.type))
             return
         net = self.net
         rng = self.rng
@@ -478,6 +483,13 @@ class Simulator:
             if node.core is not None:
                 node.core.tick()
                 self._process(node)
+
+    def tick_node(self, node_id: NodeId) -> None:
+        """Tick one node only (to script who times out first)."""
+        node = self.nodes[node_id]
+        if node.core is not None:
+            node.core.tick()
+            self._process(node)
 
     def run_ticks(self, n: int) -> None:
         for _ in range(n):
