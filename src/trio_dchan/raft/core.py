@@ -520,7 +520,7 @@ class RaftCore:
             else:
                 self._become_follower(m.term, None)
         elif m.term < self._term:
-            if m.type in (MessageType.APPEND, MessageType.HEARTBEAT) and (
+            if m.type in (MessageType.APPEND, MessageType.HEARTBEAT, MessageType.SNAPSHOT) and (
                 self._cfg.check_quorum or self._cfg.pre_vote
             ):
                 # Tell the stale leader about the newer term so it steps down.
