@@ -90,6 +90,7 @@ class DistributedSendChannel(trio.abc.SendChannel[Any]):
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         ns = self._ns
+        ns.blocked()
         while True:
             ns.tasks_waiting += 1
             try:

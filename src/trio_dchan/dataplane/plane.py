@@ -258,6 +258,11 @@ class _NsSender:
             slot.peer.enqueue((slot, encoded, owner, receipt))
         return True
 
+    def blocked(self) -> None:
+        """A sender is about to wait: batches being gathered should leave now."""
+        for slot in self.slots:
+            slot.peer.flush()
+
     def on_credit(self) -> None:
         if self.waiting:
             self._drain_waiting()
@@ -309,6 +314,9 @@ class _PeerOut:
         self.connected = False
         self._wake = trio.Event()
         self._sleeping = False
+        self._full = trio.Event()
+        self._lingering = False
+        self._target = plane.settings.batch_target
         self._needed = trio.Event()
 
     def add_slot(self, slot: _Slot) -> None:
@@ -320,10 +328,19 @@ class _PeerOut:
             del self.slots[slot.rid]
 
     def enqueue(self, item: _Item) -> None:
-        self.queue.append(item)
+        queue = self.queue
+        queue.append(item)
         if self._sleeping:
             self._sleeping = False
             self._wake.set()
+        elif self._lingering and len(queue) >= self._target:
+            self.flush()
+
+    def flush(self) -> None:
+        """End a batch's linger now (it is full, or its senders are blocked)."""
+        if self._lingering:
+            self._lingering = False
+            self._full.set()
 
     def kick(self) -> None:
         if self._sleeping:
@@ -370,7 +387,8 @@ class _PeerOut:
     async def _pump(self, link: DataLink, scope: trio.CancelScope) -> None:
         idle = self.plane.settings.credit_idle_return
         window = self.plane.settings.max_unacked_frames
-        linger = self.plane.settings.batch_linger_rounds
+        linger = self.plane.settings.batch_linger
+        target = self.plane.settings.batch_target
         unacked = self.unacked_frames
         try:
             while True:
@@ -390,22 +408,19 @@ class _PeerOut:
                         self._return_idle_credit()
                         if not self.control:
                             continue
-                # While senders keep adding messages, give them a few more
-                # scheduler rounds to fill this batch. Trio may run this task
-                # before or after a sender within a round, so stop only after
-                # two rounds in a row added nothing: a lone message waits two
-                # rounds, not a timer.
+                # A sender that keeps adding messages gets a moment to fill
+                # this batch: two scheduler rounds tell a busy sender (the
+                # queue grew) from a lone message (it leaves at once).
                 queue = self.queue
-                quiet = 0
-                for _ in range(linger):
-                    before = len(queue)
-                    await trio.lowlevel.cancel_shielded_checkpoint()
-                    if len(queue) == before:
-                        quiet += 1
-                        if quiet == 2:
-                            break
-                    else:
-                        quiet = 0
+                before = len(queue)
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                if linger > 0 and before < len(queue) < target:
+                    self._full = trio.Event()
+                    self._lingering = True
+                    with trio.move_on_after(linger):
+                        await self._full.wait()
+                    self._lingering = False
                 seq = self.next_seq
                 frame = self._build()
                 if self.next_seq != seq:

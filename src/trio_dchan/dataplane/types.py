@@ -35,9 +35,11 @@ class DataPlaneSettings:
     #: Frames of messages a sending node keeps on a stream before waiting for
     #: an ack; meanwhile new messages gather into the next batch.
     max_unacked_frames: int = 2
-    #: Scheduler rounds a pump may wait for more messages before sending a
-    #: frame, as long as each round brings new ones (0: send at once).
-    batch_linger_rounds: int = 64
+    #: How long a batch may wait for more messages while a sender keeps
+    #: adding them (a lone message never waits). 0 sends at once.
+    batch_linger: float = 0.0005
+    #: A batch this large leaves without waiting out the linger.
+    batch_target: int = 128
     #: A sending node gives unused credit back after this long without sending
     #: to a peer, so an idle sender does not hold a receiver's space.
     credit_idle_return: float = 0.25
@@ -56,8 +58,10 @@ class DataPlaneSettings:
     def __post_init__(self) -> None:
         if self.max_frame_bytes < 1024:
             raise ValueError("max_frame_bytes must be at least 1024")
-        if self.batch_linger_rounds < 0:
-            raise ValueError("batch_linger_rounds must be >= 0")
+        if self.batch_linger < 0:
+            raise ValueError("batch_linger must be >= 0")
+        if self.batch_target < 1:
+            raise ValueError("batch_target must be at least 1")
         if self.max_unacked_frames < 1:
             raise ValueError("max_unacked_frames must be at least 1")
         if self.credit_window < 1:
