@@ -114,7 +114,7 @@ class Receipt:
         self._deadline = deadline
         self._outcome = Outcome.PENDING
         self._receiver_id: str | None = None
-        self._event = trio.Event()
+        self._event: trio.Event | None = None  # made only if someone waits
 
     @property
     def outcome(self) -> Outcome:
@@ -134,7 +134,12 @@ class Receipt:
         return self._outcome is not Outcome.PENDING
 
     async def delivered(self) -> bool:
-        await self._event.wait()
+        if self._outcome is Outcome.PENDING:
+            if self._event is None:
+                self._event = trio.Event()
+            await self._event.wait()
+        else:
+            await trio.lowlevel.checkpoint()
         if self._outcome is Outcome.UNKNOWN:
             raise DeliveryUnknownError(
                 "the connection to the receiving node broke before it acknowledged the message"
@@ -145,7 +150,8 @@ class Receipt:
         if self._outcome is Outcome.PENDING:
             self._outcome = outcome
             self._receiver_id = receiver_id
-            self._event.set()
+            if self._event is not None:
+                self._event.set()
 
     def __repr__(self) -> str:
         return f"<Receipt {self._outcome.value}>"
