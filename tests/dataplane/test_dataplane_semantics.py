@@ -418,3 +418,39 @@ async def test_data_plane_close_breaks_senders_and_ends_receivers() -> None:
             plane.send("x")
         with pytest.raises(trio.EndOfChannel):
             rx.receive_nowait()
+
+
+async def test_receivers_left_by_an_earlier_run_are_removed() -> None:
+    from trio_dchan.registry import RegisterReceiver, encode_command
+
+    async with open_cluster(2) as cluster:
+        await cluster.propose(encode_command(RegisterReceiver("old", "n0/1-dead", "n0", 4)))
+        await cluster.propose(encode_command(RegisterReceiver("old", "n1/1-live", "n1", 4)))
+        live = cluster.planes["n0"].receive("old")
+        await _registered(live)
+        assert await cluster.planes["n0"].remove_stale_receivers() == 1
+        ids = {r.receiver_id for r in cluster.registry.receivers("old")}
+        assert ids == {live.receiver_id, "n1/1-live"}
+        await live.aclose()
+
+
+async def test_cancelled_tracked_send_sends_nothing_and_statistics_add_up() -> None:
+    async with open_cluster(2) as cluster:
+        rx = cluster.planes["n1"].receive("stats", buffer=1)
+        await _registered(rx)
+        with cluster.planes["n0"].send("stats") as tx:
+            first = await tx.send_tracked("a", timeout=5)
+            with trio.move_on_after(0.02) as scope:
+                await tx.send_tracked("b")  # no room, no timeout: only the scope ends it
+            assert scope.cancelled_caught
+            assert await first.delivered() is True
+        assert tx.statistics().outstanding == 0
+        await _settle()
+        assert rx.receive_nowait() == "a"
+        with pytest.raises(trio.WouldBlock):
+            rx.receive_nowait()
+        totals = cluster.planes["n0"].statistics()["stats"]
+        assert (totals.delivered, totals.failed, totals.queued, totals.in_flight) == (1, 0, 0, 0)
+        assert cluster.planes["n1"].statistics()["stats"].received == 1
+        assert rx.statistics().received == 1
+        await rx.aclose()
