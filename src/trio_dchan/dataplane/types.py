@@ -28,7 +28,9 @@ class DataPlaneSettings:
     """
 
     #: Largest frame written to a link; one encoded message must fit in one.
-    max_frame_bytes: int = 4 * 1024 * 1024
+    #: Keep it below the transport's own message limit (the gRPC transport
+    #: allows 4 MiB per message including its own few bytes of wrapping).
+    max_frame_bytes: int = 4 * 1024 * 1024 - 1024
     #: Credits a sending node asks each receiver for: how many of its messages
     #: may be on their way to one receiver beyond the receiver's free buffer.
     credit_window: int = 256
@@ -37,7 +39,7 @@ class DataPlaneSettings:
     max_unacked_frames: int = 2
     #: How long a batch may wait for more messages while a sender keeps
     #: adding them (a lone message never waits). 0 sends at once.
-    batch_linger: float = 0.0005
+    batch_linger: float = 0.001
     #: A batch this large leaves without waiting out the linger.
     batch_target: int = 128
     #: A sending node gives unused credit back after this long without sending
@@ -56,8 +58,8 @@ class DataPlaneSettings:
     retry_backoff_max: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.max_frame_bytes < 1024:
-            raise ValueError("max_frame_bytes must be at least 1024")
+        if self.max_frame_bytes < 8192:
+            raise ValueError("max_frame_bytes must be at least 8192")
         if self.batch_linger < 0:
             raise ValueError("batch_linger must be >= 0")
         if self.batch_target < 1:
