@@ -502,3 +502,41 @@ def test_limits_are_exact_bounds() -> None:
     for name, bound in exact.items():
         with pytest.raises(DecodeError):
             decode(data, limits=Limits(**{**exact, name: bound - 1}))
+
+
+# ---------------------------------------------------------------------------
+# Decoder reuse: each thread keeps idle decoders; nesting and failures must
+# not leak state from one decode into the next.
+# ---------------------------------------------------------------------------
+@register(name="tests.codec.Envelope")
+@dataclasses.dataclass
+class Envelope:
+    sealed: bytes
+    opened: Any = dataclasses.field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        # Decoding inside a constructor that runs during a decode.
+        self.opened = decode(self.sealed)
+
+
+def test_decode_nested_in_a_registered_constructor() -> None:
+    inner = {"k": (1, Point(2))}
+    batch = encode_batch([Envelope(encode(inner)), Envelope(encode([inner]))])
+    for _ in range(3):
+        first, second = decode_batch(batch)
+        assert_same(inner, first.opened)
+        assert_same([inner], second.opened)
+
+
+def test_failures_and_other_limits_do_not_disturb_later_decodes() -> None:
+    good = encode({"a": [1, 2, (3,)], "p": Point(1)})
+    tight = Limits(max_depth=4)
+    for bad in (good[:-1], good + b"\x00", b"\xd9\x9c\xa4\x61x", b"\x81" * 100 + b"\x00"):
+        with pytest.raises(DecodeError):
+            decode(bad)
+        with pytest.raises(DecodeError):
+            decode(bad, limits=tight)
+        assert_same({"a": [1, 2, (3,)], "p": Point(1)}, decode(good))
+        assert_same({"a": [1, 2, (3,)], "p": Point(1)}, decode(good, limits=tight))
+    with pytest.raises(DecodeError):
+        decode(encode([[[[[1]]]]]), limits=tight)

@@ -726,6 +726,26 @@ def _find_decode_error(exc: BaseException) -> DecodeError | None:
     return None
 
 
+class _DecoderPool(threading.local):
+    """Idle cbor2 decoders of this thread, by nesting limit.
+
+    Building a ``CBORDecoder`` costs about as much as decoding a small
+    message, so each thread keeps one idle decoder per ``max_depth`` and
+    points it at the next buffer. A decoder is taken out while in use (a
+    decode nested inside a registered type's constructor builds its own) and
+    is dropped, not returned, after any failure.
+    """
+
+    def __init__(self) -> None:
+        self.idle: dict[int, Any] = {}
+
+
+_decoder_pool = _DecoderPool()
+# One read of the whole buffer; BytesIO.read never allocates past its end.
+_READ_SIZE: Final = 1 << 30
+_POOL_MAX_SIZE: Final = 256 * 1024
+
+
 def _decode(data: Any, limits: Limits | None, extra_depth: int) -> Any:
     if limits is None:
         limits = DEFAULT_LIMITS
@@ -738,15 +758,21 @@ def _decode(data: Any, limits: Limits | None, extra_depth: int) -> Any:
     if size > limits._walk_above:
         _walk(data, limits, max_depth)
     stream = io.BytesIO(data)
+    idle = _decoder_pool.idle
     try:
-        value = cbor2.CBORDecoder(
-            stream,
-            read_size=size or 1,
-            semantic_decoders=_TAGS,
-            max_depth=max_depth,
-            allow_indefinite=False,
-            allow_duplicate_keys=False,
-        ).decode()
+        decoder = idle.pop(max_depth, None)
+        if decoder is None:
+            decoder = cbor2.CBORDecoder(
+                stream,
+                read_size=_READ_SIZE,
+                semantic_decoders=_TAGS,
+                max_depth=max_depth,
+                allow_indefinite=False,
+                allow_duplicate_keys=False,
+            )
+        else:
+            decoder.fp = stream
+        value = decoder.decode()
     except DecodeError:
         raise
     except Exception as exc:
@@ -756,6 +782,9 @@ def _decode(data: Any, limits: Limits | None, extra_depth: int) -> Any:
         raise DecodeError(
             f"malformed CBOR data: {type(exc).__name__}: {_short(str(exc), 200)}"
         ) from exc
+    if size <= _POOL_MAX_SIZE:
+        # An idle decoder keeps its last buffer alive; pool only small ones.
+        idle[max_depth] = decoder
     if stream.tell() != size:
         raise DecodeError(f"{size - stream.tell()} trailing bytes after the CBOR value")
     return value
