@@ -29,8 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from trio_dchan.errors import DchanError
-
+from .errors import RaftError
 from .types import Message, NodeId
 
 __all__ = [
@@ -44,7 +43,7 @@ __all__ = [
 ]
 
 
-class Unavailable(DchanError):
+class Unavailable(RaftError):
     """A peer could not be reached (down, partitioned, or not listening).
 
     Raised by :meth:`RaftTransport.forward`. ``maybe_delivered`` says whether
