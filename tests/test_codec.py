@@ -540,3 +540,64 @@ def test_failures_and_other_limits_do_not_disturb_later_decodes() -> None:
         assert_same({"a": [1, 2, (3,)], "p": Point(1)}, decode(good, limits=tight))
     with pytest.raises(DecodeError):
         decode(encode([[[[[1]]]]]), limits=tight)
+
+
+def test_dataclasses_that_cannot_be_rebuilt_from_their_fields_are_refused() -> None:
+    @dataclasses.dataclass
+    class WithInitVar:
+        total: int = 0
+        seed: dataclasses.InitVar[int] = 0
+
+        def __post_init__(self, seed: int) -> None:
+            self.total += seed
+
+    @dataclasses.dataclass
+    class CustomInit:
+        x: int
+
+        def __init__(self, value: str) -> None:
+            self.x = int(value)
+
+    for cls in (WithInitVar, CustomInit):
+        with pytest.raises(RegistrationError, match="cannot be rebuilt"):
+            register(cls)
+        with pytest.raises(EncodeError):
+            encode(cls(1) if cls is WithInitVar else cls("1"))
+
+
+def test_unregistered_enums_do_not_slip_through_as_their_base_type() -> None:
+    class Level(enum.IntEnum):
+        LOW = 1
+
+    class Mood(enum.StrEnum):
+        HAPPY = "happy"
+
+    for member in (Level.LOW, Mood.HAPPY):
+        with pytest.raises(EncodeError, match=r"trio_dchan\.register"):
+            encode([member])
+    # Registering later makes the same type sendable.
+    register(Level, name="tests.codec.Level")
+    assert roundtrip([Level.LOW])[0] is Level.LOW
+
+
+def test_subclasses_of_plain_types_arrive_as_the_base_type() -> None:
+    import collections
+
+    Pair = collections.namedtuple("Pair", "left right")
+
+    class Name(str):
+        pass
+
+    class Stamp(datetime):
+        pass
+
+    value = [
+        Pair(1, 2),
+        Name("n"),
+        collections.defaultdict(list, {"k": [1]}),
+        Stamp(2020, 1, 2, 3, 4, 5),
+    ]
+    assert_same(
+        [(1, 2), "n", {"k": [1]}, datetime(2020, 1, 2, 3, 4, 5)],
+        roundtrip(value),
+    )

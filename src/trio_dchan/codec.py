@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import inspect
 import io
 import re
 import threading
@@ -91,7 +92,7 @@ T = TypeVar("T")
 # Wire tags
 # --------------------------------------------------------------------------
 # Tag 27 is CBOR's "object with a type name and constructor arguments":
-# [type name, payload]. The others are private to trio_dchan peers; they sit
+# [type name, ...]. The others are private to trio_dchan peers; they sit
 # in the first-come-first-served range and need a 3-byte header.
 TAG_OBJECT: Final = 27
 TAG_TUPLE: Final = 40100
@@ -113,16 +114,16 @@ _MiB: Final = 1024 * 1024
 class Limits:
     """What one decoded buffer may cost. Every limit applies to one call.
 
-    The defaults keep the worst case of a hostile buffer near 100 MB of
-    Python objects and its decode time under a second, while leaving real
-    messages (and batches of them) far from any limit. Pass a tighter or
+    The defaults keep the memory a hostile buffer can claim near 100 MB of
+    Python objects, while leaving real messages (and batches of them) far
+    from any limit. Pass a tighter or
     looser instance as ``limits=`` where a buffer's origin warrants it.
     """
 
     #: Largest buffer accepted at all, in bytes (a whole batch counts once).
     max_size: int = 16 * _MiB
     #: Deepest nesting of containers and tags in one value. A registered
-    #: dataclass costs 3 levels (tag, record, field map). 64 is far below
+    #: dataclass costs 2 levels (its tag and its record). 64 is far below
     #: the depth at which ``repr()`` or ``==`` on the result would hit
     #: Python's recursion limit in the receiving program.
     max_depth: int = 64
@@ -313,6 +314,16 @@ def register(
     elif dataclasses.is_dataclass(cls):
         init_fields = [f for f in dataclasses.fields(cls) if f.init]
         names = [f.name for f in init_fields]
+        try:
+            parameters = list(inspect.signature(cls).parameters)
+        except (TypeError, ValueError):
+            parameters = []
+        if sorted(parameters) != sorted(names):
+            raise RegistrationError(
+                f"{cls.__qualname__} cannot be rebuilt from its fields: its __init__ takes "
+                f"({', '.join(parameters)}) but its init fields are ({', '.join(names)}); "
+                "InitVar parameters and custom __init__ signatures are not supported"
+            )
         keywords = any(f.kw_only for f in init_fields)
         layout = _layout_id(names)
         build = _dataclass_builder(cls, wire_name, layout, names, keywords)
@@ -403,29 +414,75 @@ def _unencodable(encoder: Any, value: Any) -> None:
     raise EncodeError(f"cannot encode a value of unregistered type {qualname}: {hint}")
 
 
-# Every common type maps to an entry, even those cbor2 handles natively: a
-# lookup hit is cheaper than a miss (cbor2 consults this table for every
-# value), and each call through it counts towards Python's recursion limit,
-# so absurdly deep values raise instead of overflowing the C stack.
-_ENCODERS: dict[type, Callable[[Any, Any], None]] = {
-    str: _Encoder.encode_string,
-    int: _Encoder.encode_int,
-    bool: _Encoder.encode_bool,
-    float: _Encoder.encode_float,
-    bytes: _Encoder.encode_bytes,
-    dict: _Encoder.encode_map,
-    list: _Encoder.encode_array,
-    set: _Encoder.encode_set,
-    type(None): _encode_none,
-    tuple: _encode_tuple,
-    frozenset: _encode_frozenset,
-    datetime: _encode_datetime,
-    date: _Encoder.encode_date,
-    Decimal: _encode_decimal,
-    UUID: _Encoder.encode_uuid,
-    bytearray: _encode_bytes_like,
-    memoryview: _encode_bytes_like,
-}
+class _EncoderTable(dict[type, Callable[[Any, Any], None]]):
+    """Exact type -> encoder, consulted by cbor2 for every value it encodes.
+
+    Every common type has an entry, even those cbor2 handles natively: a
+    hit is cheaper than a miss, and each call through the table counts
+    towards Python's recursion limit, so absurdly deep values raise instead
+    of overflowing the C stack. The first value of any other type lands in
+    ``__missing__``, which files the type under the right encoder: a
+    subclass of a supported type is encoded as its base (an ``OrderedDict``
+    as a dict, a named tuple as a tuple), while an enum or dataclass that was
+    not registered is refused instead of slipping through as its base type
+    (an ``IntEnum`` as an int). Anything else falls through to cbor2 and,
+    failing that, to :func:`_unencodable`.
+    """
+
+    def __missing__(self, cls: type) -> Callable[[Any, Any], None]:
+        encoder: Callable[[Any, Any], None] | None = None
+        if issubclass(cls, enum.Enum) or dataclasses.is_dataclass(cls):
+            encoder = _unencodable
+        else:
+            for base in _SUBCLASSABLE:
+                if issubclass(cls, base):
+                    encoder = self[base]
+                    break
+        if encoder is None:
+            raise KeyError(cls)
+        self[cls] = encoder
+        return encoder
+
+
+_ENCODERS = _EncoderTable(
+    {
+        str: _Encoder.encode_string,
+        int: _Encoder.encode_int,
+        bool: _Encoder.encode_bool,
+        float: _Encoder.encode_float,
+        bytes: _Encoder.encode_bytes,
+        dict: _Encoder.encode_map,
+        list: _Encoder.encode_array,
+        set: _Encoder.encode_set,
+        type(None): _encode_none,
+        tuple: _encode_tuple,
+        frozenset: _encode_frozenset,
+        datetime: _encode_datetime,
+        date: _Encoder.encode_date,
+        Decimal: _encode_decimal,
+        UUID: _Encoder.encode_uuid,
+        bytearray: _encode_bytes_like,
+        memoryview: _encode_bytes_like,
+    }
+)
+# Bases whose subclasses are encoded as the base; datetime before date,
+# since every datetime is a date.
+_SUBCLASSABLE: Final = (
+    str,
+    int,
+    float,
+    bytes,
+    dict,
+    list,
+    tuple,
+    set,
+    frozenset,
+    datetime,
+    date,
+    Decimal,
+    UUID,
+    bytearray,
+)
 # Types cbor2 would write but the decoder refuses: fail at the sender.
 for _refused in (
     complex,
