@@ -353,15 +353,52 @@ def test_missing_first_segment(tmp_path: Path) -> None:
         reopen(tmp_path)
 
 
-def test_missing_last_segment_detected_by_commit(tmp_path: Path) -> None:
-    storage = open_fs(tmp_path, segment_bytes=200)
-    storage.load()
-    for i in range(1, 31, 3):
-        storage.save(HardState(1, None, i + 2), entries(i, i + 2), None)
-    storage.close()
-    segments(tmp_path)[-1].unlink()
-    with pytest.raises(CorruptStorageError, match="commit index 30"):
+def test_missing_last_segment_detected_by_seal(tmp_path: Path) -> None:
+    _write_log(tmp_path, segment_bytes=200)
+    segs = segments(tmp_path)
+    segs[-1].unlink()
+    with pytest.raises(CorruptStorageError, match=rf"{segs[-2].name}.*{segs[-1].name}.*missing"):
         reopen(tmp_path)
+
+
+def test_lost_durable_entries_detected_by_commit(tmp_path: Path) -> None:
+    storage = open_fs(tmp_path)
+    storage.load()
+    storage.save(HardState(2, NODE, 10), entries(1, 10), None)
+    storage.close()
+    os.truncate(segments(tmp_path)[0], 16)  # only the segment header is left
+    with pytest.raises(CorruptStorageError, match="commit index 10"):
+        reopen(tmp_path)
+
+
+def test_record_after_seal(tmp_path: Path) -> None:
+    _write_log(tmp_path, segment_bytes=200)
+    first = segments(tmp_path)[0]
+    with first.open("ab") as f:
+        f.write(first.read_bytes()[16:48])  # a copy of its first record
+    with pytest.raises(CorruptStorageError, match=first.name):
+        reopen(tmp_path)
+
+
+def test_commit_only_changes_survive_restart(tmp_path: Path) -> None:
+    storage = open_fs(tmp_path)
+    storage.load()
+    storage.save(HardState(3, NODE, 0), entries(1, 5), None)
+    hs_file = (tmp_path / HARD_STATE_NAME).read_bytes()
+    storage.save(HardState(3, NODE, 2), [], None)
+    storage.save(HardState(3, NODE, 4), entries(6, 7), None)
+    # A new commit index alone does not rewrite the hard state file.
+    assert (tmp_path / HARD_STATE_NAME).read_bytes() == hs_file
+    # The commit index never moves back.
+    storage.save(HardState(3, NODE, 1), [], None)
+    assert storage.load().hard_state == HardState(3, NODE, 4)
+    storage.close()
+    assert reopen(tmp_path).hard_state == HardState(3, NODE, 4)
+    storage = open_fs(tmp_path)
+    storage.load()
+    storage.save(HardState(4, None, 5), [], None)
+    storage.close()
+    assert reopen(tmp_path).hard_state == HardState(4, None, 5)
 
 
 def test_snapshot_checksum_failure(tmp_path: Path) -> None:
@@ -465,7 +502,9 @@ def test_crash_during_save_loses_only_unsynced_tail(tmp_path: Path) -> None:
     del storage
     gc.collect()
     seg = segments(tmp_path)[-1]
-    os.truncate(seg, seg.stat().st_size - 7)
+    # The save wrote entries 4-6 and a 25-byte commit record; lose the record
+    # and the end of entry 6.
+    os.truncate(seg, seg.stat().st_size - 25 - 7)
     state = reopen(tmp_path)
     assert state.hard_state == HardState(1, None, 3)
     assert list(state.entries) == entries(1, 5)
