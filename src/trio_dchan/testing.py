@@ -27,7 +27,7 @@ checked only when ``ends_when_senders_close`` is true.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -55,9 +55,17 @@ def _expect(condition: bool, message: str) -> None:
         raise ConformanceError(message)
 
 
-async def _settle() -> None:
-    """Wait until every task is blocked (so "still blocked" means blocked for good)."""
+async def _default_settle() -> None:
     await trio.testing.wait_all_tasks_blocked(cushion=0.001)
+
+
+_settle_hook: list[Callable[[], Awaitable[None]]] = [_default_settle]
+
+
+async def _settle() -> None:
+    """Wait until nothing is in transit (so "still blocked" means blocked for good)."""
+    with trio.fail_after(_STEP):
+        await _settle_hook[0]()
 
 
 async def _receive_n(rx: Any, n: int) -> list[Any]:
@@ -336,9 +344,28 @@ async def check_end_of_channel(open_pair: ChannelPairMaker) -> None:
 
 
 async def check_channel_pair(
-    open_pair: ChannelPairMaker, *, ends_when_senders_close: bool = True
+    open_pair: ChannelPairMaker,
+    *,
+    ends_when_senders_close: bool = True,
+    settle: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Run every check of the suite against ``open_pair``; raise on the first failure."""
+    """Run every check of the suite against ``open_pair``; raise on the first failure.
+
+    ``settle()`` must return once nothing is in transit between the two ends
+    (every value a ``send()`` accepted is in the receiver's buffer or taken,
+    and every grant of room has reached the sender). The default waits until
+    every task is blocked, which is enough when the ends talk through memory;
+    over a real network pass something that knows, e.g. waiting until the
+    sending node has every message acknowledged.
+    """
+    _settle_hook[0] = settle if settle is not None else _default_settle
+    try:
+        await _run_checks(open_pair, ends_when_senders_close)
+    finally:
+        _settle_hook[0] = _default_settle
+
+
+async def _run_checks(open_pair: ChannelPairMaker, ends_when_senders_close: bool) -> None:
     await check_send_receive_order(open_pair)
     await check_buffer_and_backpressure(open_pair)
     await check_cancel_atomic(open_pair)

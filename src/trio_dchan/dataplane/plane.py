@@ -427,7 +427,8 @@ class _PeerOut:
                 frame = self._build()
                 if self.next_seq != seq:
                     unacked.append(self.next_seq - 1)
-                await link.send_frame(frame)
+                if frame:
+                    await link.send_frame(frame)
         except Exception as exc:
             logger.info("data link to %s failed while sending: %r", self.node_id, exc)
             scope.cancel()
@@ -693,6 +694,7 @@ class _InStream:
                     self._wake = trio.Event()
                     self._sleeping = True
                     await self._wake.wait()
+                    continue
                 parts = self.refusals
                 self.refusals = []
                 for rid, n in self.credit_out.items():
@@ -822,12 +824,18 @@ class DataPlane:
                         nursery.start_soon(self._close_inbox, inbox)
                     else:
                         nursery.start_soon(inbox.closed_event.wait)
-                if self._pending:
-                    self._idle = trio.Event()
-                    await self._idle.wait()
+                await self.wait_settled()
         finally:
             self._stopped.set()
         await self._closed.wait()
+
+    async def wait_settled(self) -> None:
+        """Wait until every message accepted on this node was delivered or failed."""
+        while self._pending:
+            if self._idle is None or self._idle.is_set():
+                self._idle = trio.Event()
+            await self._idle.wait()
+        await trio.lowlevel.checkpoint()
 
     @property
     def closing(self) -> bool:
