@@ -46,3 +46,20 @@ async def test_forward_returns_result_and_keeps_error_types() -> None:
                 await ts[0].forward(ids[1], Proposal(ProposalKind.COMMAND, b"refuse"))
             assert info.value.leader == "n3"
         assert [p.data for p in handlers[1].forwards] == [b"cmd", b"refuse"]
+
+
+async def test_accepted_connections_have_tcp_nodelay() -> None:
+    """Small replies must not wait for delayed ACKs, whatever socket the server was given."""
+    import socket
+
+    handlers = [RecordingHandler(lambda p: 1) for _ in range(2)]
+    async with transports(2, handlers=handlers) as (ids, ts):
+        with trio.fail_after(10):
+            assert await ts[1].forward(ids[0], Proposal(ProposalKind.COMMAND, b"x")) == 1
+        server = ts[0]._server
+        assert server is not None
+        socks = [p.connection._transport.get_extra_info("socket") for p in server.protocols]
+        assert socks
+        for sock in socks:
+            assert sock.proto == 0  # the case grpclib and asyncio leave alone
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1

@@ -388,6 +388,7 @@ class GrpcTransport:
         self._loop: Any = None
         #: Errors asyncio reported through its exception handler (leaks); 0 when healthy.
         self.asyncio_errors = 0
+        self._server: _TrackingServer | None = None
 
     def _asyncio_error(self, loop: Any, context: dict[str, Any]) -> None:
         self.asyncio_errors += 1
@@ -1118,6 +1119,22 @@ class _TrackingServer(Server):
 
     def _protocol_factory(self) -> H2Protocol:
         protocol = super()._protocol_factory()
+        # grpclib (like asyncio) sets TCP_NODELAY only on sockets whose ``proto``
+        # field says IPPROTO_TCP; connections accepted on a listening socket
+        # made with proto 0 (``socket.socket(AF_INET, SOCK_STREAM)``) stay with
+        # Nagle on and every small reply waits for a delayed ACK (~40 ms).
+        made = protocol.connection_made
+
+        def connection_made(transport: Any) -> None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:  # pragma: no cover - not a TCP socket after all
+                    pass
+            made(transport)
+
+        protocol.connection_made = connection_made  # type: ignore[method-assign]
         self.protocols.add(protocol)
         self.protocols = {p for p in self.protocols if p is protocol or not _lost(p)}
         return protocol
@@ -1201,6 +1218,7 @@ async def open_transport(
         loop.set_exception_handler(transport._asyncio_error)
         transport._nursery = nursery
         server = await transport._aio(_make_server)(service)
+        transport._server = server
         if sock is not None:
             await transport._aio(server.start)(sock=sock, ssl=ssl_context)
         else:
