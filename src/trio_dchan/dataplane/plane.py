@@ -622,11 +622,17 @@ class _Inbox:
                 given = min(share, unmet, free)
                 if given <= 0:
                     break
-                stream.granted[rid] = stream.granted.get(rid, 0) + given
+                before = stream.granted.get(rid, 0)
+                stream.granted[rid] = before + given
                 stream.credit_out[rid] = stream.credit_out.get(rid, 0) + given
                 self.granted_total += given
                 free -= given
-                stream.kick()
+                if before < self.chunk:
+                    # The sender may be about to run dry: tell it now. Otherwise
+                    # it holds credit or has messages on the way, whose ack
+                    # will carry this grant without a frame of its own.
+                    stream.urgent = True
+                    stream.kick()
                 if unmet > given:
                     still.append((stream, unmet - given))
             hungry = still
@@ -676,6 +682,8 @@ class _InStream:
         self.granted: dict[str, int] = {}
         self.credit_out: dict[str, int] = {}
         self.refusals: list[bytes] = []
+        #: Credit that should not wait for the next ack.
+        self.urgent = False
         self._wake = trio.Event()
         self._sleeping = False
 
@@ -685,7 +693,7 @@ class _InStream:
             self._wake.set()
 
     def has_feedback(self) -> bool:
-        return bool(self.refusals or self.credit_out or self.ack != self.ack_sent)
+        return bool(self.refusals or self.urgent or self.ack != self.ack_sent)
 
     async def feedback_pump(self, scope: trio.CancelScope) -> None:
         try:
@@ -700,6 +708,7 @@ class _InStream:
                 for rid, n in self.credit_out.items():
                     parts.append(fr.rid_count(fr.CREDIT, rid, n))
                 self.credit_out.clear()
+                self.urgent = False
                 if self.ack != self.ack_sent:
                     parts.append(fr.ack(self.ack))
                     self.ack_sent = self.ack
