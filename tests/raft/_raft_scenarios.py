@@ -6,6 +6,7 @@ import os
 import random
 
 from trio_dchan.raft.sim import NetworkConfig, Simulator
+from trio_dchan.raft.types import Role
 
 UNRELIABLE = NetworkConfig(drop=0.1, duplicate=0.05, long_delay=0.05, long_delay_max=150)
 RELIABLE = NetworkConfig()
@@ -54,7 +55,19 @@ def churn(
             lead = sim.leader()
             if lead is not None and sim.propose(lead, b"r%d-%d" % (r, accepted)) is not None:
                 accepted += 1
-        sim.run_ticks(rng.randint(1, 8))
+        for _ in range(rng.randint(1, 8)):
+            sim.tick()
+            # Crash-restart voters in the middle of elections: a vote or a
+            # term that was not persisted would let someone vote twice.
+            voting = [
+                i
+                for i in sim.alive()
+                if sim.core(i).role in (Role.CANDIDATE, Role.PRE_CANDIDATE) or sim.core(i).vote
+            ]
+            if crash and voting and rng.random() < 0.1:
+                victim = rng.choice(voting)
+                sim.crash(victim)
+                sim.restart(victim)
         event = rng.random()
         lead = sim.leader()
         if crash and lead is not None and event < 0.08:

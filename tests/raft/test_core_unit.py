@@ -12,6 +12,7 @@ from trio_dchan.raft.types import (
     ConfState,
     Entry,
     EntryType,
+    HardState,
     Message,
     MessageType,
     PersistedState,
@@ -126,3 +127,40 @@ def test_joiner_never_campaigns() -> None:
             core.advance(rd)
     assert core.role is Role.FOLLOWER
     assert core.term == 0
+
+
+def test_vote_survives_restart() -> None:
+    conf = ConfState(voters=frozenset(IDS))
+    stored = {"hs": HardState(), "entries": []}
+
+    def persist(core: RaftCore) -> list[Message]:
+        out: list[Message] = []
+        while core.has_ready():
+            rd = core.ready()
+            if rd.hard_state is not None:
+                stored["hs"] = rd.hard_state
+            if rd.entries:
+                stored["entries"] = list(rd.entries)  # type: ignore[assignment]
+            out.extend(rd.messages)
+            core.advance(rd)
+        return out
+
+    core = RaftCore(RaftConfig("a"), PersistedState(initial_conf=conf), random.Random(1))
+    persist(core)
+    core.step(Message(MessageType.VOTE, "a", "b", 5, log_term=1, index=3))
+    (granted,) = persist(core)
+    assert granted.type is MessageType.VOTE_RESP
+    assert not granted.reject
+    # Crash and restart from what was persisted: the vote for b stands.
+    hs = stored["hs"]
+    assert isinstance(hs, HardState)
+    restarted = RaftCore(
+        RaftConfig("a"),
+        PersistedState(hard_state=hs, entries=tuple(stored["entries"])),  # type: ignore[arg-type]
+        random.Random(2),
+    )
+    assert restarted.term == 5
+    assert restarted.vote == "b"
+    restarted.step(Message(MessageType.VOTE, "a", "c", 5, log_term=1, index=3))
+    (refused,) = persist(restarted)
+    assert refused.reject
