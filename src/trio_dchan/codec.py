@@ -784,22 +784,26 @@ def _find_decode_error(exc: BaseException) -> DecodeError | None:
 
 
 class _DecoderPool(threading.local):
-    """Idle cbor2 decoders of this thread, by nesting limit.
+    """Idle cbor2 decoders of this thread, with their streams, by nesting limit.
 
-    Building a ``CBORDecoder`` costs about as much as decoding a small
-    message, so each thread keeps one idle decoder per ``max_depth`` and
-    points it at the next buffer. A decoder is taken out while in use (a
-    decode nested inside a registered type's constructor builds its own) and
-    is dropped, not returned, after any failure.
+    Building a ``CBORDecoder`` costs more than decoding a small message, and
+    so does pointing one at a new stream (its ``fp`` setter probes the
+    stream with three calls). So each thread keeps one idle decoder per
+    ``max_depth`` together with its ``BytesIO``, and re-initializes that
+    stream in place with the next buffer (no copy). A decoder is taken out
+    while in use (a decode nested inside a registered type's constructor
+    builds its own) and is dropped, not returned, after any failure.
     """
 
     def __init__(self) -> None:
-        self.idle: dict[int, Any] = {}
+        self.idle: dict[int, tuple[Any, io.BytesIO]] = {}
 
 
 _decoder_pool = _DecoderPool()
+_reset_stream = io.BytesIO.__init__
 # One read of the whole buffer; BytesIO.read never allocates past its end.
 _READ_SIZE: Final = 1 << 30
+# An idle decoder keeps its last buffer alive; pool only for small ones.
 _POOL_MAX_SIZE: Final = 256 * 1024
 
 
@@ -814,11 +818,11 @@ def _decode(data: Any, limits: Limits | None, extra_depth: int) -> Any:
     max_depth = limits.max_depth + extra_depth
     if size > limits._walk_above:
         _walk(data, limits, max_depth)
-    stream = io.BytesIO(data)
     idle = _decoder_pool.idle
     try:
-        decoder = idle.pop(max_depth, None)
-        if decoder is None:
+        reader = idle.pop(max_depth, None)
+        if reader is None:
+            stream = io.BytesIO(data)
             decoder = cbor2.CBORDecoder(
                 stream,
                 read_size=_READ_SIZE,
@@ -827,8 +831,10 @@ def _decode(data: Any, limits: Limits | None, extra_depth: int) -> Any:
                 allow_indefinite=False,
                 allow_duplicate_keys=False,
             )
+            reader = (decoder, stream)
         else:
-            decoder.fp = stream
+            decoder, stream = reader
+            _reset_stream(stream, data)
         value = decoder.decode()
     except DecodeError:
         raise
@@ -840,10 +846,10 @@ def _decode(data: Any, limits: Limits | None, extra_depth: int) -> Any:
             f"malformed CBOR data: {type(exc).__name__}: {_short(str(exc), 200)}"
         ) from exc
     if size <= _POOL_MAX_SIZE:
-        # An idle decoder keeps its last buffer alive; pool only small ones.
-        idle[max_depth] = decoder
-    if stream.tell() != size:
-        raise DecodeError(f"{size - stream.tell()} trailing bytes after the CBOR value")
+        idle[max_depth] = reader
+    consumed = stream.tell()
+    if consumed != size:
+        raise DecodeError(f"{size - consumed} trailing bytes after the CBOR value")
     return value
 
 
