@@ -367,6 +367,7 @@ def test_subclass_of_registered_class_must_be_registered_itself() -> None:
     "value",
     [
         1 + 2j,
+        type("ComplexSubclass", (complex,), {})(1, 2),
         Fraction(1, 3),
         IPv4Address("127.0.0.1"),
         __import__("re").compile("a+"),

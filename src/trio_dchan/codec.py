@@ -433,6 +433,8 @@ class _EncoderTable(dict[type, Callable[[Any, Any], None]]):
         encoder: Callable[[Any, Any], None] | None = None
         if issubclass(cls, enum.Enum) or dataclasses.is_dataclass(cls):
             encoder = _unencodable
+        elif issubclass(cls, _REFUSED):
+            encoder = _refuse
         else:
             for base in _SUBCLASSABLE:
                 if issubclass(cls, base):
@@ -484,7 +486,7 @@ _SUBCLASSABLE: Final = (
     bytearray,
 )
 # Types cbor2 would write but the decoder refuses: fail at the sender.
-for _refused in (
+_REFUSED: Final = (
     complex,
     Fraction,
     IPv4Address,
@@ -498,7 +500,8 @@ for _refused in (
     cbor2.CBORTag,
     cbor2.CBORSimpleValue,
     type(cbor2.undefined),
-):
+)
+for _refused in _REFUSED:
     _ENCODERS[_refused] = _refuse
 del _refused
 
@@ -525,17 +528,18 @@ def encode(value: Any) -> bytes:
         encoder = _encoder_slot.encoder = _new_encoder()
     try:
         data: bytes = encoder.encode_to_bytes(value)
-    except Exception as exc:
+    except EncodeError:
         # A failed encode can leave the encoder's bookkeeping behind; start
         # the next call with a fresh one.
+        _encoder_slot.encoder = None
+        raise
+    except Exception as exc:
         _encoder_slot.encoder = None
         raise _encode_error(exc) from exc
     return data
 
 
 def _encode_error(exc: Exception) -> EncodeError:
-    if isinstance(exc, EncodeError):
-        return exc
     if isinstance(exc, RecursionError):
         return EncodeError("value is nested too deeply to encode")
     if isinstance(exc, cbor2.CBOREncodeValueError) and "cyclic" in str(exc):
