@@ -73,11 +73,15 @@ from uuid import UUID
 
 import cbor2
 
-from .errors import DecodeError, EncodeError, RegistrationError
+from .errors import CodecError, DecodeError, EncodeError, RegistrationError
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "CodecError",
+    "DecodeError",
+    "EncodeError",
     "Limits",
+    "RegistrationError",
     "decode",
     "decode_batch",
     "encode",
