@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from outcome import Error
+from trio.lowlevel import enable_ki_protection
 
 from .types import Outcome, Receipt, ReceiveChannelStatistics, SendChannelStatistics
 
@@ -102,6 +103,7 @@ class DistributedSendChannel(trio.abc.SendChannel[Any]):
             if self._accept(encoded, receipt):
                 return
 
+    @enable_ki_protection
     def send_nowait(self, value: Any) -> None:
         """Send without blocking, or raise :class:`trio.WouldBlock` if no receiver has room.
 
@@ -112,6 +114,7 @@ class DistributedSendChannel(trio.abc.SendChannel[Any]):
         if not self._accept(self._plane.encode(value), None):
             raise trio.WouldBlock
 
+    @enable_ki_protection
     async def send(self, value: Any) -> None:
         """Send ``value`` to one receiver of the namespace.
 
@@ -123,6 +126,7 @@ class DistributedSendChannel(trio.abc.SendChannel[Any]):
         self._check()
         await self._send_encoded(self._plane.encode(value), None)
 
+    @enable_ki_protection
     async def send_tracked(self, value: Any, timeout: float = math.inf) -> Receipt:  # noqa: ASYNC109
         """Send ``value`` and return a :class:`Receipt` of its delivery.
 
@@ -146,12 +150,14 @@ class DistributedSendChannel(trio.abc.SendChannel[Any]):
         receipt._resolve(Outcome.TIMED_OUT if self._ns.slots else Outcome.NO_RECEIVER)
         return receipt
 
+    @enable_ki_protection
     def clone(self) -> DistributedSendChannel:
         """Another send channel into the same namespace (closing one does not close the other)."""
         if self._closed:
             raise trio.ClosedResourceError("this send channel was closed")
         return DistributedSendChannel._create(self._plane, self._ns, self._buffer)
 
+    @enable_ki_protection
     def close(self) -> None:
         """Close without waiting; accepted messages still go out (see :meth:`aclose`)."""
         if self._closed:
@@ -161,6 +167,7 @@ class DistributedSendChannel(trio.abc.SendChannel[Any]):
         # Tasks of this channel blocked in send() wake up and raise ClosedResourceError.
         self._ns.lot.unpark_all()
 
+    @enable_ki_protection
     async def aclose(self) -> None:
         """Close, then wait until every message this channel accepted was delivered or failed."""
         self.close()
@@ -218,6 +225,7 @@ class DistributedReceiveChannel(trio.abc.ReceiveChannel[Any]):
     def __repr__(self) -> str:
         return f"<distributed receive channel {self._inbox.rid!r} of {self.namespace!r}>"
 
+    @enable_ki_protection
     def receive_nowait(self) -> Any:
         """A buffered message, or :class:`trio.WouldBlock` if there is none."""
         if self._closed:
@@ -233,6 +241,7 @@ class DistributedReceiveChannel(trio.abc.ReceiveChannel[Any]):
             raise trio.EndOfChannel
         raise trio.WouldBlock
 
+    @enable_ki_protection
     async def receive(self) -> Any:
         """The next message for this receiver; waits for one.
 
@@ -276,6 +285,7 @@ class DistributedReceiveChannel(trio.abc.ReceiveChannel[Any]):
         if not inbox.registered:
             raise trio.BrokenResourceError("the receiver closed before it was registered")
 
+    @enable_ki_protection
     def clone(self) -> DistributedReceiveChannel:
         """Another handle on the same receiver; it is unregistered when every clone closed."""
         if self._closed:
@@ -283,6 +293,7 @@ class DistributedReceiveChannel(trio.abc.ReceiveChannel[Any]):
         self._inbox.open_clones += 1
         return DistributedReceiveChannel._create(self._plane, self._inbox)
 
+    @enable_ki_protection
     def close(self) -> None:
         """Close this handle; the last one starts unregistration (see :meth:`aclose`)."""
         if self._closed:
@@ -297,6 +308,7 @@ class DistributedReceiveChannel(trio.abc.ReceiveChannel[Any]):
         if inbox.open_clones == 0:
             self._plane._start_close(inbox)
 
+    @enable_ki_protection
     async def aclose(self) -> None:
         """Close; the last clone waits until no message can arrive any more.
 
