@@ -123,8 +123,14 @@ class DistributedSendChannel(trio.abc.SendChannel[Any]):
         buffer has). Cancelled, it sent nothing.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        self._check()
-        await self._send_encoded(self._plane.encode(value), None)
+        if self._closed or self._plane._closing:
+            self._check()
+        encoded = self._plane.encode(value)
+        # The common case, inline: a receiver has credit.
+        if self._ns.place(encoded, self._owner, None):
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        await self._send_encoded(encoded, None)
 
     @enable_ki_protection
     async def send_tracked(self, value: Any, timeout: float = math.inf) -> Receipt:  # noqa: ASYNC109
