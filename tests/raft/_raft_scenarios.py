@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import random
 
+from trio_dchan.raft.errors import RaftError
 from trio_dchan.raft.sim import NetworkConfig, Simulator
-from trio_dchan.raft.types import Role
+from trio_dchan.raft.types import ConfChange, ConfChangeType, Role
 
-UNRELIABLE = NetworkConfig(drop=0.1, duplicate=0.05, long_delay=0.05, long_delay_max=150)
+UNRELIABLE = NetworkConfig(
+    drop=0.1, duplicate=0.05, long_delay=0.05, long_delay_max=150, reorder=True
+)
 RELIABLE = NetworkConfig()
 
 
@@ -123,3 +126,75 @@ def figure8(sim: Simulator, *, iterations: int, unreliable: bool) -> None:
             else:
                 sim.restart(pick)
                 up.add(pick)
+
+
+def membership_churn(sim: Simulator, *, rounds: int, unreliable: bool) -> int:
+    """Churn plus membership changes (learners added and promoted, voters
+    removed and re-added) and leadership transfers. Returns how many
+    membership changes were accepted."""
+    rng = random.Random(sim.seed * 6151 + 5)
+    ids = sorted(sim.nodes)
+    changes = 0
+    for r in range(rounds):
+        sim.net = UNRELIABLE if unreliable and rng.random() < 0.5 else RELIABLE
+        lead = sim.leader()
+        if lead is not None:
+            sim.propose(lead, b"m%d" % r)
+            conf = sim.core(lead).conf
+            roll = rng.random()
+            cc: ConfChange | None = None
+            outsiders = [i for i in ids if i not in conf.members]
+            if roll < 0.15 and outsiders:
+                cc = ConfChange(ConfChangeType.ADD_LEARNER, rng.choice(outsiders))
+            elif roll < 0.3 and conf.learners:
+                cc = ConfChange(ConfChangeType.ADD_VOTER, rng.choice(sorted(conf.learners)))
+            elif roll < 0.4 and len(conf.voters) > 3:
+                cc = ConfChange(ConfChangeType.REMOVE_NODE, rng.choice(sorted(conf.voters)))
+            elif roll < 0.45 and conf.learners:
+                cc = ConfChange(ConfChangeType.REMOVE_NODE, rng.choice(sorted(conf.learners)))
+            elif roll < 0.55:
+                target = rng.choice(sorted(conf.voters))
+                try:
+                    sim.transfer(lead, target)
+                except RaftError:
+                    pass
+            if cc is not None:
+                try:
+                    sim.conf_change(lead, cc)
+                    changes += 1
+                except RaftError:
+                    pass
+        sim.run_ticks(rng.randint(1, 6))
+        event = rng.random()
+        if event < 0.1:
+            alive = sim.alive()
+            if len(alive) > len(ids) - 1:
+                sim.crash(rng.choice(alive))
+        elif event < 0.3:
+            for dead in [i for i in ids if i not in sim.alive()]:
+                sim.restart(dead)
+        elif event < 0.38:
+            sim.isolate(rng.choice(ids))
+        elif event < 0.55:
+            sim.heal()
+    return changes
+
+
+def settle_members(sim: Simulator, tag: bytes) -> int:
+    """Like :func:`settle`, for a cluster whose membership changed: every
+    current member (voter or learner) applies one more entry."""
+    sim.heal()
+    sim.net = RELIABLE
+    for node in list(sim.nodes):
+        sim.restart(node)
+    lead = sim.wait_leader(max_ticks=400)
+    members = sim.core(lead).conf.members
+    index = sim.one(tag, len(members), max_ticks=600)
+    lead = sim.wait_leader()
+    members = sim.core(lead).conf.members
+    sim.run_until(
+        lambda: all(sim.nodes[m].app.index >= index for m in members),
+        300,
+        "every member to apply the last entry",
+    )
+    return index

@@ -7,7 +7,13 @@ import random
 import pytest
 
 from trio_dchan.raft.core import RaftConfig, RaftCore
-from trio_dchan.raft.errors import InvalidMessage, InvalidRequest, NotLeader
+from trio_dchan.raft.errors import (
+    CompactedError,
+    InvalidMessage,
+    InvalidRequest,
+    NotLeader,
+    SnapshotOutOfDate,
+)
 from trio_dchan.raft.types import (
     ConfState,
     Entry,
@@ -164,3 +170,24 @@ def test_vote_survives_restart() -> None:
     restarted.step(Message(MessageType.VOTE, "a", "c", 5, log_term=1, index=3))
     (refused,) = persist(restarted)
     assert refused.reject
+
+
+def test_compacted_entries_are_refused_by_name() -> None:
+    cores = make_cluster()
+    applied: dict[str, list[Entry]] = {n: [] for n in IDS}
+    leader = elect(cores, applied)
+    last = leader.propose_many([b"e%d" % i for i in range(20)])
+    pump(cores, applied)
+    leader.compact(last - 5, b"image")
+    with pytest.raises(CompactedError):
+        leader.entries(1, last)
+    assert [e.index for e in leader.entries(last - 4, last)] == list(range(last - 4, last + 1))
+    with pytest.raises(SnapshotOutOfDate):
+        leader.compact(last - 6, b"older")
+    with pytest.raises(InvalidRequest):
+        leader.compact(last + 1, b"not applied")
+    rd = leader.ready()
+    assert rd.snapshot is not None
+    assert rd.snapshot.meta.index == last - 5
+    assert not rd.install_snapshot
+    leader.advance(rd)

@@ -201,7 +201,7 @@ def test_unreliable_agree() -> None:
 
 
 def test_figure8_unreliable() -> None:
-    net = NetworkConfig(drop=0.1, duplicate=0.1, long_delay=0.1, long_delay_max=300)
+    net = NetworkConfig(drop=0.1, duplicate=0.1, long_delay=0.1, long_delay_max=300, reorder=True)
     sim = Simulator(5, seed=26, net=net)
     sim.one(b"start", 1)
     figure8(sim, iterations=300, unreliable=True)

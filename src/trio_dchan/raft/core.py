@@ -21,6 +21,7 @@ from itertools import count, repeat
 from operator import attrgetter
 
 from .errors import (
+    CompactedError,
     ConfChangeInProgress,
     InvalidConfChange,
     InvalidMessage,
@@ -378,9 +379,13 @@ class RaftCore:
         return None
 
     def entries(self, lo: int, hi: int) -> list[Entry]:
-        """Entries with ``lo <= index <= hi`` that are still in the log."""
+        """Entries with ``lo <= index <= hi`` (those beyond the last index are
+        simply absent). Raises :class:`~trio_dchan.raft.errors.CompactedError`
+        if ``lo`` was compacted into the snapshot."""
         off = self._snap_index + 1
-        return self._log[max(lo - off, 0) : max(hi - off + 1, 0)]
+        if lo < off:
+            raise CompactedError(f"entries before {off} were compacted into a snapshot")
+        return self._log[lo - off : max(hi - off + 1, 0)]
 
     # ------------------------------------------------------------------
     # Inputs

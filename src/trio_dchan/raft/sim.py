@@ -87,6 +87,10 @@ class NetworkConfig:
     #: (this is what reorders messages across many ticks).
     long_delay: float = 0.0
     long_delay_max: int = 20 * TIME_PER_TICK
+    #: Whether ordinary delays may reorder the messages of one link. Off, each
+    #: link is FIFO like the stream a real transport uses (long delays still
+    #: reorder).
+    reorder: bool = False
 
 
 class SimApp:
@@ -196,6 +200,7 @@ class Simulator:
         self._seq = 0
         self._queue: list[tuple[int, int, Message]] = []
         self._group: dict[NodeId, int] = {}
+        self._link_last: dict[tuple[NodeId, NodeId], int] = {}
         overrides = config or {}
         conf = ConfState(voters=frozenset(ids))
         self.nodes: dict[NodeId, SimNode] = {}
@@ -306,11 +311,15 @@ class Simulator:
             copies = 2
         for _ in range(copies):
             if net.long_delay and rng.random() < net.long_delay:
-                delay = rng.randint(net.max_delay, net.long_delay_max)
+                at = self.time + rng.randint(net.max_delay, net.long_delay_max)
             else:
-                delay = rng.randint(net.min_delay, net.max_delay)
+                at = self.time + rng.randint(net.min_delay, net.max_delay)
+                if not net.reorder:
+                    link = (m.sender, m.to)
+                    at = max(at, self._link_last.get(link, 0))
+                    self._link_last[link] = at
             self._seq += 1
-            heapq.heappush(self._queue, (self.time + delay, self._seq, m))
+            heapq.heappush(self._queue, (at, self._seq, m))
 
     def _deliver(self, m: Message) -> None:
         node = self.nodes.get(m.to)
