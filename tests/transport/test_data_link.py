@@ -188,7 +188,6 @@ async def test_peer_restart_is_reconnected_with_backoff() -> None:
             ):
                 hb = Message(MessageType.HEARTBEAT, a, b, 1, commit=99)
                 await handler.resend_until_delivered(tb, hb)
-                assert tb.statistics()[a]["failures"] == 0
             assert handler.messages[-1].commit == 99
 
 

@@ -906,7 +906,10 @@ class _Service:
         c = Cardinality
         return {
             _RAFT_STREAM: Handler(
-                self._wrap(self._raft_stream), c.STREAM_UNARY, pb.RaftBatch, pb.StreamSummary
+                self._wrap(self._raft_stream, on_asyncio=True),
+                c.STREAM_UNARY,
+                pb.RaftBatch,
+                pb.StreamSummary,
             ),
             _RAFT_SNAPSHOT: Handler(
                 self._wrap(self._raft_snapshot), c.STREAM_UNARY, pb.RaftMessage, pb.SnapshotAck
@@ -938,9 +941,15 @@ class _Service:
         log.warning("%s refused a call from %s: %s", t.node_id, peer, message)
         raise GRPCError(Status.PERMISSION_DENIED, message)
 
-    def _wrap(self, fn: Callable[[Any, NodeId], Any], *, members_only: bool = True) -> Any:
+    def _wrap(
+        self,
+        fn: Callable[[Any, NodeId], Any],
+        *,
+        members_only: bool = True,
+        on_asyncio: bool = False,
+    ) -> Any:
         t0 = self._t
-        trio_fn = trio_asyncio.trio_as_aio(fn, loop=t0._loop)
+        trio_fn = fn if on_asyncio else trio_asyncio.trio_as_aio(fn, loop=t0._loop)
 
         async def handler(stream: Any) -> None:
             # Runs on asyncio: authenticate, then hand the call to Trio.
@@ -984,17 +993,24 @@ class _Service:
         await self._t._aio(_grpc.send)(stream, message)
 
     async def _raft_stream(self, stream: Any, caller: NodeId) -> None:
+        """Runs on asyncio (the hot path: no crossing per batch).
+
+        ``deliver`` only queues the message for the node's Trio task and wakes
+        it; asyncio callbacks run inside Trio's run loop under trio-asyncio,
+        so waking a Trio task from here is allowed.
+        """
         raft = self._require_raft()
         me = self._t.node_id
+        limit = self._t.settings.max_message_bytes
         received = 0
         while True:
-            batch = await self._recv(stream, pb.RaftBatch)
+            batch = await _grpc.recv_limited(stream, pb.RaftBatch, limit)
             if batch is None:
                 break
             for m in batch_from_pb(batch, caller=caller, me=me):
                 raft.deliver(m)
                 received += 1
-        await self._reply(stream, pb.StreamSummary(received=received))
+        await stream.send_message(pb.StreamSummary(received=received))
 
     async def _raft_snapshot(self, stream: Any, caller: NodeId) -> None:
         raft = self._require_raft()
