@@ -169,6 +169,7 @@ class _Peer:
     failures: int = 0
     dropped: int = 0
     sent: int = 0
+    snapshot_chunks: int = 0
     closed: bool = False
     retry_at: float = 0.0
     links: set[_ClientLink] = field(default_factory=set)
@@ -690,6 +691,7 @@ class GrpcTransport:
                     for item in chunk.messages:
                         with trio.fail_after(s.send_timeout):
                             await self._aio(_grpc.send)(stream, item)
+                        peer.snapshot_chunks += 1
                     if last:
                         break
                     # The leader sends the next chunk once the follower answered.
@@ -863,9 +865,14 @@ class GrpcTransport:
             await self._refused_changed.wait()
 
     def statistics(self) -> dict[NodeId, dict[str, int]]:
-        """Per peer: Raft messages sent, dropped, consecutive failures."""
+        """Per peer: Raft messages and snapshot chunks sent, dropped, consecutive failures."""
         return {
-            p.node_id: {"sent": p.sent, "dropped": p.dropped, "failures": p.failures}
+            p.node_id: {
+                "sent": p.sent,
+                "snapshot_chunks": p.snapshot_chunks,
+                "dropped": p.dropped,
+                "failures": p.failures,
+            }
             for p in self._peers.values()
         }
 
