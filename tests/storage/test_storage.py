@@ -530,3 +530,22 @@ def test_entry_types_and_empty_data_round_trip(tmp_path: Path) -> None:
     state = reopen(tmp_path)
     assert list(state.entries) == list(log)
     assert state.hard_state == HardState(2, "\u00e9t\u00e9", 3)
+
+
+def test_commit_survives_truncation_and_compaction(tmp_path: Path) -> None:
+    """A commit record behind entries that a conflict or a compaction removes is kept."""
+    storage = open_fs(tmp_path, segment_bytes=150)
+    storage.load()
+    storage.save(HardState(1, NODE, 0), entries(1, 5), None)
+    storage.save(HardState(1, NODE, 2), [], None)  # a commit record after entry 5
+    storage.save(None, entries(3, 3, term=2), None)  # cuts the log at entry 3
+    storage.close()
+    assert reopen(tmp_path).hard_state == HardState(1, NODE, 2)
+    storage = open_fs(tmp_path, segment_bytes=150)
+    storage.load()
+    storage.save(HardState(1, NODE, 3), entries(4, 20, term=2), None)
+    storage.save(None, [], snap(18, 2))  # drops the segments holding the commit record
+    storage.close()
+    state = reopen(tmp_path)
+    assert state.hard_state == HardState(1, NODE, 3)
+    assert list(state.entries) == entries(19, 20, term=2)

@@ -130,7 +130,8 @@ class Storage(Protocol):
         entries up to ``S`` -- all of them if the log does not hold ``S``
         with the snapshot's term -- and a snapshot older than the stored one
         is ignored. Entries at or below the snapshot index are ignored;
-        entries that would leave a gap raise :class:`StorageError`.
+        entries that would leave a gap raise :class:`StorageError`. The
+        stored commit index never moves back: a lower one is ignored.
         """
         ...
 
@@ -446,6 +447,8 @@ class FileStorage:
         self._segments: list[_Segment] = []
         self._fd: int | None = None  # the last segment, open for writing
         self._hard_state = HardState()
+        #: the commit index in the HARDSTATE file (commit records may hold a higher one)
+        self._file_commit = 0
         self._snapshot: Snapshot | None = None
         self._loaded = False
         try:
@@ -553,17 +556,8 @@ class FileStorage:
         self._snapshot = (
             decode_snapshot(snap_path.read_bytes(), str(snap_path)) if snap_path.exists() else None
         )
-        entries, logged_commit = self._load_segments()
-        if logged_commit > self._hard_state.commit:
-            hs = self._hard_state
-            self._hard_state = HardState(hs.term, hs.vote, logged_commit)
-        snap_index = self._snapshot_index
-        last = entries[-1].index if entries else snap_index
-        if self._hard_state.commit > last:
-            raise CorruptStorageError(
-                f"{self.path}: the hard state records commit index {self._hard_state.commit}"
-                f" but the log ends at {last}: a log segment is missing"
-            )
+        self._file_commit = self._hard_state.commit
+        entries = self._load_segments()
         if self._segments:
             seg = self._segments[-1]
             fd = os.open(seg.path, os.O_RDWR)
@@ -574,8 +568,8 @@ class FileStorage:
             hard_state=self._hard_state, snapshot=self._snapshot, entries=tuple(entries)
         )
 
-    def _load_segments(self) -> tuple[list[Entry], int]:
-        """Read all segments; return the entries after the snapshot and the highest commit."""
+    def _load_segments(self) -> list[Entry]:
+        """Read all segments and return the entries after the snapshot."""
         found: list[tuple[int, Path]] = []
         for p in self.path.iterdir():
             match = _SEGMENT_RE.match(p.name)
@@ -626,9 +620,18 @@ class FileStorage:
                 f"{segments[0].path}: the log starts at index {entries[0].index} and there is"
                 f" no snapshot: segment {segment_name(1)} is missing"
             )
+        if commit > self._hard_state.commit:
+            hs = self._hard_state
+            self._hard_state = HardState(hs.term, hs.vote, commit)
+        last = entries[-1].index if entries else snap_index
+        if self._hard_state.commit > last:
+            raise CorruptStorageError(
+                f"{self.path}: the hard state records commit index {self._hard_state.commit}"
+                f" but the log ends at {last}: a log segment is missing"
+            )
         self._segments = segments
         self._drop_segments_before(snap_index, keep_from=entries[0].index if entries else None)
-        return entries, commit
+        return entries
 
     def _read_segment(
         self, path: Path, first: int, last_file: bool
@@ -786,9 +789,9 @@ class FileStorage:
         if entries or commit_record is not None:
             self._append(entries, commit_record)
         if hard_state is not None:
-            if rewrite:
-                self._replace_file(HARD_STATE_NAME, encode_hard_state(hard_state))
             self._hard_state = hard_state
+            if rewrite:
+                self._write_hard_state()
 
     def _save_snapshot(self, snapshot: Snapshot) -> None:
         meta = snapshot.meta
@@ -803,6 +806,15 @@ class FileStorage:
         else:
             self._drop_segments_before(meta.index, keep_from=None)
 
+    def _write_hard_state(self) -> None:
+        self._replace_file(HARD_STATE_NAME, encode_hard_state(self._hard_state))
+        self._file_commit = self._hard_state.commit
+
+    def _preserve_commit(self) -> None:
+        """Before log records are deleted: move the commit index they may hold to HARDSTATE."""
+        if self._hard_state.commit > self._file_commit:
+            self._write_hard_state()
+
     def _drop_segments_before(self, snap_index: int, keep_from: int | None) -> None:
         """Delete segments holding nothing at or after ``keep_from`` (all if ``None``)."""
         dropped = False
@@ -815,6 +827,8 @@ class FileStorage:
             ):
                 keep.append(seg)
                 continue
+            if not dropped:
+                self._preserve_commit()
             if is_last:
                 self._close_segment()
             seg.path.unlink()
@@ -882,6 +896,7 @@ class FileStorage:
 
     def _truncate_from(self, index: int) -> None:
         """Durably remove the records at ``index`` and after (a rare event: a log conflict)."""
+        self._preserve_commit()
         doomed = [seg for seg in self._segments if seg.first_index >= index]
         if doomed:
             self._close_segment()
