@@ -63,8 +63,13 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def proto(session: nox.Session) -> None:
-    """Regenerate src/trio_dchan/_proto/ from proto/dchan.proto (grpclib stubs)."""
-    session.install("betterproto2-compiler>=0.10", "grpcio-tools>=1.66")
+    """Regenerate src/trio_dchan/_proto/ from proto/dchan.proto (grpclib stubs).
+
+    The compiler is pinned to the version the checked-in code was made with:
+    tests/transport/test_proto_generated.py regenerates with the project's
+    environment and fails if the output differs.
+    """
+    session.install("betterproto2-compiler==0.10.1", "grpcio-tools>=1.66")
     session.run(
         "python",
         "-m",
