@@ -10,7 +10,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from _raft_scenarios import UNRELIABLE, churn, settle, sweep_seeds
+from _raft_scenarios import (
+    UNRELIABLE,
+    churn,
+    membership_churn,
+    settle,
+    settle_members,
+    sweep_seeds,
+)
 
 from trio_dchan.raft.sim import SimulationError, Simulator
 
@@ -21,15 +28,33 @@ DEFAULT_SEEDS = 200
 
 
 def run_churn(seed: int, *, rounds: int = 60, trace: bool = False) -> Simulator:
-    """One sweep scenario: churn on a reliable or lossy network, with or
-    without snapshots, then heal and check that the cluster converges."""
+    """One sweep scenario, chosen by the seed: churn (crashes, restarts,
+    partitions) on a reliable or lossy network, with or without snapshots, or
+    the same with membership changes and leadership transfers; then heal and
+    check that the cluster converges."""
     unreliable = seed % 2 == 1
+    net = UNRELIABLE if unreliable else None
+    snapshot_every = 8 if seed % 3 == 0 else 0
+    config = {"snapshot_chunk_size": 128}
+    if seed % 4 == 3:
+        sim = Simulator(
+            3,
+            seed=seed,
+            joiners=["n4", "n5", "n6"],
+            net=net,
+            snapshot_every=snapshot_every,
+            config=config,
+            record_trace=trace,
+        )
+        membership_churn(sim, rounds=rounds, unreliable=unreliable)
+        settle_members(sim, b"end-%d" % seed)
+        return sim
     sim = Simulator(
         5,
         seed=seed,
-        net=UNRELIABLE if unreliable else None,
-        snapshot_every=8 if seed % 3 == 0 else 0,
-        config={"snapshot_chunk_size": 128},
+        net=net,
+        snapshot_every=snapshot_every,
+        config=config,
         record_trace=trace,
     )
     churn(sim, rounds=rounds, unreliable=unreliable)
