@@ -549,3 +549,31 @@ def test_commit_survives_truncation_and_compaction(tmp_path: Path) -> None:
     state = reopen(tmp_path)
     assert state.hard_state == HardState(1, NODE, 3)
     assert list(state.entries) == entries(19, 20, term=2)
+
+
+def test_io_error_in_save_is_a_storage_error_and_blocks_later_saves(tmp_path: Path) -> None:
+    storage = open_fs(tmp_path)
+    storage.load()
+    storage.save(HardState(1), entries(1, 2), None)
+
+    def failing_sync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    storage._datasync = failing_sync
+    with pytest.raises(StorageError, match="save failed"):
+        storage.save(None, entries(3, 4), None)
+    # What the failed save left in memory cannot be trusted: no more saves...
+    with pytest.raises(StorageError, match="load"):
+        storage.save(None, entries(3, 4), None)
+    # ...until the disk is read again.
+    storage._datasync = os.fdatasync
+    assert list(storage.load().entries) == entries(1, 4)
+    storage.save(None, entries(5, 5), None)
+    storage.close()
+    assert list(reopen(tmp_path).entries) == entries(1, 5)
+
+
+def test_unusable_data_dir(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(StorageError):
+        open_fs(tmp_path / "file" / "data")

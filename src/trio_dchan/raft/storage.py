@@ -455,9 +455,15 @@ class FileStorage:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create data directory {self.path}: {exc}") from exc
-        self._lock()
+        try:
+            self._lock()
+        except OSError as exc:
+            raise StorageError(f"cannot lock data directory {self.path}: {exc}") from exc
         try:
             self._check_meta()
+        except OSError as exc:
+            self.close()
+            raise StorageError(f"cannot set up data directory {self.path}: {exc}") from exc
         except BaseException:
             self.close()
             raise
@@ -542,6 +548,15 @@ class FileStorage:
     def load(self) -> PersistedState:
         """Read, check and repair what is on disk; see the module docstring."""
         self._check_open()
+        self._loaded = False
+        try:
+            state = self._load()
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot load the Raft state: {exc}") from exc
+        self._loaded = True
+        return state
+
+    def _load(self) -> PersistedState:
         self._close_segment()
         self._segments = []
         for tmp in self.path.glob("*" + TMP_SUFFIX):
@@ -563,7 +578,6 @@ class FileStorage:
             fd = os.open(seg.path, os.O_RDWR)
             self._fds.append(fd)
             self._fd = fd
-        self._loaded = True
         return PersistedState(
             hard_state=self._hard_state, snapshot=self._snapshot, entries=tuple(entries)
         )
@@ -763,10 +777,35 @@ class FileStorage:
         entries: Sequence[Entry],
         snapshot: Snapshot | None,
     ) -> None:
-        """Persist one Ready durably; see :meth:`Storage.save`."""
+        """Persist one Ready durably; see :meth:`Storage.save`.
+
+        An I/O error is raised as :class:`StorageError`; after any failure
+        other than a refused argument, the storage refuses further saves
+        until :meth:`load` has re-read the disk.
+        """
         self._check_open()
         if not self._loaded:
-            raise StorageError("FileStorage.save() called before load()")
+            raise StorageError(
+                f"{self.path}: save() needs a successful load() first"
+                " (after a failed save, load() again)"
+            )
+        try:
+            self._save(hard_state, entries, snapshot)
+        except StorageError:
+            raise
+        except OSError as exc:
+            self._loaded = False
+            raise StorageError(f"{self.path}: save failed: {exc}") from exc
+        except BaseException:
+            self._loaded = False
+            raise
+
+    def _save(
+        self,
+        hard_state: HardState | None,
+        entries: Sequence[Entry],
+        snapshot: Snapshot | None,
+    ) -> None:
         if snapshot is not None and snapshot.meta.index > self._snapshot_index:
             self._save_snapshot(snapshot)
         if entries:
