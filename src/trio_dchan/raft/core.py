@@ -944,7 +944,7 @@ class RaftCore:
         if m.snapshot_offset == 0 and (self._recv_snap is None or self._recv_snap[0] != key):
             self._recv_snap = (key, bytearray())
         if self._recv_snap is None or self._recv_snap[0] != key:
-            self._send(MessageType.SNAPSHOT_RESP, m.sender, reject=True)
+            self._send_snapshot_resp(m, 0, reject=True)
             return
         buf = self._recv_snap[1]
         if m.snapshot_offset == len(buf):
@@ -954,7 +954,22 @@ class RaftCore:
                 self._restore(Snapshot(meta, bytes(buf)))
                 self._send(MessageType.APPEND_RESP, m.sender, index=self._commit)
                 return
-        self._send(MessageType.SNAPSHOT_RESP, m.sender, snapshot_offset=len(buf))
+        self._send_snapshot_resp(m, len(buf))
+
+    def _send_snapshot_resp(self, m: Message, offset: int, reject: bool = False) -> None:
+        # Name the snapshot, so that a late answer about an earlier transfer
+        # cannot be mistaken for progress on the current one.
+        self._msgs.append(
+            Message(
+                MessageType.SNAPSHOT_RESP,
+                m.sender,
+                self._id,
+                self._term,
+                snapshot=m.snapshot,
+                snapshot_offset=offset,
+                reject=reject,
+            )
+        )
 
     def _restore(self, snap: Snapshot) -> None:
         meta = snap.meta
@@ -1047,14 +1062,15 @@ class RaftCore:
                 self._need_flush = True
         elif t is MessageType.SNAPSHOT_RESP:
             pr.active = True
-            if pr.state != _SNAPSHOT:
+            snap = self._snapshot
+            if pr.state != _SNAPSHOT or snap is None or m.snapshot != snap.meta:
                 return
-            if m.reject:
-                pr.snap_offset = 0
-            elif m.snapshot_offset > pr.snap_offset:
-                pr.snap_offset = m.snapshot_offset
-            else:
+            # With one chunk in flight, the offset the follower expects is
+            # authoritative (it may be behind us if it lost its buffer).
+            offset = 0 if m.reject else m.snapshot_offset
+            if offset == pr.snap_offset or offset > len(snap.data):
                 return
+            pr.snap_offset = offset
             pr.stall = 0
             self._send_snapshot_chunk(m.sender, pr)
 
