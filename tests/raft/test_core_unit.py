@@ -23,6 +23,7 @@ from trio_dchan.raft.types import (
     MessageType,
     PersistedState,
     Role,
+    SnapshotMeta,
 )
 
 IDS = ["a", "b", "c"]
@@ -50,7 +51,8 @@ def pump(cores: dict[str, RaftCore], applied: dict[str, list[Entry]]) -> None:
         while queue:
             busy = True
             m = queue.pop(0)
-            cores[m.to].step(m)
+            if m.to in cores:  # messages to nodes left out are lost
+                cores[m.to].step(m)
         if not busy:
             return
 
@@ -191,3 +193,86 @@ def test_compacted_entries_are_refused_by_name() -> None:
     assert rd.snapshot.meta.index == last - 5
     assert not rd.install_snapshot
     leader.advance(rd)
+
+
+def test_snapshot_transfer_ignores_answers_about_another_snapshot() -> None:
+    conf = ConfState(voters=frozenset(IDS))
+    cores = {
+        node: RaftCore(
+            RaftConfig(node, snapshot_chunk_size=50),
+            PersistedState(initial_conf=conf),
+            random.Random(k),
+        )
+        for k, node in enumerate(IDS)
+    }
+    applied: dict[str, list[Entry]] = {n: [] for n in IDS}
+    leader = elect(cores, applied)
+    lagging = next(n for n in IDS if n != leader.id)
+    rest = {n: c for n, c in cores.items() if n != lagging}
+    last = leader.propose_many([b"e%d" % i for i in range(20)])
+    pump(rest, applied)
+    assert leader.commit_index == last
+    pump(rest, applied)
+    leader.compact(leader.applied_index, bytes(range(250)) * 2)
+
+    def leader_out() -> list[Message]:
+        out: list[Message] = []
+        while leader.has_ready():
+            rd = leader.ready()
+            out.extend(rd.messages)
+            leader.advance(rd)
+        return out
+
+    # Heartbeats until the leader probes the lagging node and finds it needs
+    # the snapshot: the first chunk goes out.
+    first: Message | None = None
+    for _ in range(10):
+        leader.tick()
+        for m in leader_out():
+            if m.to == lagging and m.type is MessageType.SNAPSHOT:
+                first = m
+            elif m.to == lagging:
+                cores[lagging].step(m)
+                for rd_m in _drain(cores[lagging]):
+                    leader.step(rd_m)
+        if first is not None:
+            break
+    assert first is not None
+    assert first.snapshot_offset == 0
+    # A late answer about some other snapshot claims a far offset: ignored.
+    assert first.snapshot is not None
+    other = SnapshotMeta(first.snapshot.index - 1, first.snapshot.term, first.snapshot.conf)
+    leader.step(
+        Message(
+            MessageType.SNAPSHOT_RESP,
+            leader.id,
+            lagging,
+            leader.term,
+            snapshot=other,
+            snapshot_offset=450,
+        )
+    )
+    assert leader_out() == []
+    # The real transfer proceeds chunk by chunk and installs the snapshot.
+    queue = [first]
+    chunks = 0
+    while queue:
+        m = queue.pop(0)
+        if m.to == lagging:
+            chunks += m.type is MessageType.SNAPSHOT
+            cores[lagging].step(m)
+            queue.extend(_drain(cores[lagging]))
+        elif m.to == leader.id:
+            leader.step(m)
+            queue.extend(x for x in leader_out() if x.to == lagging)
+    assert chunks == 10
+    assert cores[lagging].commit_index >= leader.snapshot.meta.index  # type: ignore[union-attr]
+
+
+def _drain(core: RaftCore) -> list[Message]:
+    out: list[Message] = []
+    while core.has_ready():
+        rd = core.ready()
+        out.extend(rd.messages)
+        core.advance(rd)
+    return out
