@@ -12,6 +12,7 @@ from trio_dchan.raft.errors import (
     InvalidMessage,
     InvalidRequest,
     NotLeader,
+    RaftError,
     SnapshotOutOfDate,
 )
 from trio_dchan.raft.types import (
@@ -276,3 +277,70 @@ def _drain(core: RaftCore) -> list[Message]:
         out.extend(rd.messages)
         core.advance(rd)
     return out
+
+
+def random_message(rng: random.Random, to: str, last: int) -> Message:
+    kind = rng.choice(list(MessageType))
+    sender = rng.choice(["b", "c", "zz"])
+    term = rng.randint(0, 6)
+    index = rng.randint(0, last + 5)
+    entries: tuple[Entry, ...] = ()
+    if kind is MessageType.APPEND and rng.random() < 0.7:
+        start = index + 1 if rng.random() < 0.8 else index + rng.randint(2, 4)
+        t = rng.randint(0, term)
+        entries = tuple(
+            Entry(
+                t,
+                start + k,
+                rng.choice(list(EntryType)),
+                rng.choice([b"", b"x", b"\x02\x00\x00\x00\x01z", bytes(rng.randbytes(8))]),
+            )
+            for k in range(rng.randint(1, 4))
+        )
+    snapshot = None
+    if kind in (MessageType.SNAPSHOT, MessageType.SNAPSHOT_RESP) and rng.random() < 0.9:
+        snapshot = SnapshotMeta(rng.randint(0, last + 5), rng.randint(0, term), ConfState())
+    return Message(
+        kind,
+        to,
+        sender,
+        term,
+        log_term=rng.randint(0, term),
+        index=index,
+        entries=entries,
+        commit=rng.randint(0, last + 5),
+        reject=rng.random() < 0.3,
+        reject_hint=rng.randint(0, last + 5),
+        conflict_term=rng.randint(0, term),
+        snapshot=snapshot,
+        snapshot_offset=rng.randint(0, 8),
+        snapshot_data=rng.randbytes(rng.randint(0, 4)),
+        snapshot_done=rng.random() < 0.5,
+        context=rng.choice([b"", b"transfer"]),
+    )
+
+
+def test_garbage_from_peers_only_raises_raft_errors() -> None:
+    """Nonsense from the network never escapes as anything but a RaftError,
+    and never breaks the core's own bookkeeping."""
+    rng = random.Random(99)
+    for round_ in range(30):
+        cores = make_cluster()
+        applied: dict[str, list[Entry]] = {n: [] for n in IDS}
+        if round_ % 2:
+            elect(cores, applied)
+        core = cores["a"]
+        for _ in range(200):
+            m = random_message(rng, "a", core.last_index)
+            try:
+                core.step(m)
+            except RaftError:
+                pass
+            if rng.random() < 0.2:
+                core.tick()
+            while core.has_ready():
+                rd = core.ready()
+                core.advance(rd)
+            assert core.commit_index <= core.last_index
+            assert core.applied_index <= core.commit_index
+            assert core.first_index <= core.commit_index + 1

@@ -1046,6 +1046,8 @@ class RaftCore:
             return
         t = m.type
         if t is MessageType.APPEND_RESP:
+            if m.index > self.last_index:
+                raise InvalidMessage(f"{m.sender!r} acknowledged index {m.index} beyond our log")
             pr.active = True
             self._handle_append_resp(m, pr)
         elif t is MessageType.HEARTBEAT_RESP:
