@@ -44,9 +44,27 @@ class Cluster:
         #: Nodes played by the test itself: the far end of each link opened to
         #: one of them is handed to the test through this channel.
         self.fake_links: dict[str, trio.MemorySendChannel[DataLink]] = {}
+        self._unstalled = trio.Event()
+        self._stalled = False
+
+    @property
+    def stalled(self) -> bool:
+        return self._stalled
+
+    @stalled.setter
+    def stalled(self, value: bool) -> None:
+        self._stalled = value
+        if value:
+            self._unstalled = trio.Event()
+        else:
+            self._unstalled.set()
 
     async def propose(self, data: bytes) -> object:
-        # Test stand-in for Raft: commit and apply at once, in order.
+        # Test stand-in for Raft: commit and apply at once, in order. While
+        # ``stalled`` is set a proposal never completes, like one made to a
+        # cluster that lost its quorum.
+        while self.stalled:
+            await self._unstalled.wait()
         self._index += 1
         result = self.registry.apply(Entry(term=1, index=self._index, data=data))
         await trio.lowlevel.checkpoint()

@@ -1067,11 +1067,26 @@ class DataPlane:
                 and inbox.register_scope is not None
             ):
                 inbox.register_scope.cancel()
-            await inbox.register_done.wait()
-            await self._propose_until_done(
-                encode_command(UnregisterReceiver(inbox.namespace, inbox.rid)),
-                f"removal of receiver {inbox.rid}",
-            )
+            limit = self.settings.unregister_timeout
+            with trio.move_on_after(limit) as timer:
+                await inbox.register_done.wait()
+                await self._propose_until_done(
+                    encode_command(UnregisterReceiver(inbox.namespace, inbox.rid)),
+                    f"removal of receiver {inbox.rid}",
+                )
+            if timer.cancelled_caught:
+                # No quorum (or no leader) in time. From here on this node
+                # refuses the receiver's messages, so their senders retry them
+                # elsewhere; the node's next start removes the registration.
+                if inbox.register_scope is not None:
+                    inbox.register_scope.cancel()
+                logger.warning(
+                    "receiver %s: the unregistration did not commit within %s s; its "
+                    "messages are refused here and the registration is removed when "
+                    "this node next starts",
+                    inbox.rid,
+                    limit,
+                )
             inbox.refusing = True
             inbox.registered = False
             for stream in list(inbox.wanters):

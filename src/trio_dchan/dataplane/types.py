@@ -52,6 +52,13 @@ class DataPlaneSettings:
     #: How long a closing receiver tries to hand its buffered messages to
     #: other receivers before dropping what is left.
     handoff_timeout: float = 10.0
+    #: How long closing a receiver (and so the data plane's ``aclose()``) waits
+    #: for its unregistration to commit. Past it the node keeps refusing the
+    #: receiver's messages (senders retry them elsewhere), the channel closes,
+    #: and the registration left in the Registry is removed when the node
+    #: next starts. Without a quorum (say, the whole cluster shutting down at
+    #: once) the unregistration can never commit.
+    unregister_timeout: float = 5.0
     #: First and largest pause between attempts to open a link to a peer, or
     #: to propose a receiver registration.
     retry_backoff_min: float = 0.05
@@ -72,6 +79,7 @@ class DataPlaneSettings:
             "credit_idle_return",
             "undeliverable_timeout",
             "handoff_timeout",
+            "unregister_timeout",
             "retry_backoff_min",
             "retry_backoff_max",
         ):
