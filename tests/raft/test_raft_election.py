@@ -141,3 +141,16 @@ def test_check_quorum_step_down() -> None:
     sim2.partition([lead2, buddy2], [n for n in ids if n not in (lead2, buddy2)])
     sim2.run_ticks(6 * ELECTION)
     assert sim2.core(lead2).role is Role.LEADER
+
+
+def test_single_node_cluster() -> None:
+    sim = Simulator(1, seed=6, snapshot_every=5)
+    lead = sim.wait_leader(max_ticks=3 * ELECTION)
+    for k in range(12):
+        sim.one(b"solo%d" % k, 1)
+    sim.crash(lead)
+    sim.restart(lead)
+    assert sim.wait_leader() == lead
+    index = sim.one(b"again", 1)
+    assert sim.nodes[lead].app.log[index - 1] == b"again"
+    assert sim.nodes[lead].app.log.count(b"solo11") == 1
