@@ -89,6 +89,17 @@ def test_membership_add_remove() -> None:
     left = [n for n in rest if n != follower]
     wait_committed(sim, index, left)
     sim.one(b"two", 2, nodes=left)
+    # The removed follower was told: it got the entry that removed it, so it
+    # knows it is out and never campaigns; then the leader stops talking to it.
+    sim.run_until(
+        lambda: follower not in sim.core(follower).conf.members, 5 * ELECTION, "removal known"
+    )
+    sent_to: list[str] = []
+    sim.on_send = lambda m: sent_to.append(m.to)
+    sim.run_ticks(5 * ELECTION)
+    assert follower not in sent_to
+    assert sim.core(follower).role is Role.FOLLOWER
+    assert follower not in sim.leaders.values()
 
 
 def test_one_membership_change_at_a_time() -> None:

@@ -302,6 +302,10 @@ class RaftCore:
 
         self._voters: list[NodeId] = []
         self._peers: list[NodeId] = []
+        # Leader only: removed nodes still being told about their removal
+        # (node -> [index of the removing entry, ticks since it committed]).
+        self._departing: dict[NodeId, list[int]] = {}
+        self._targets: list[NodeId] = []  # peers plus departing nodes, sorted
         self._conf_updated()
         self._reset_timeout()
         if bootstrap:
@@ -671,18 +675,32 @@ class RaftCore:
         self._peers = sorted(conf.members - {self._id})
         if self._role is Role.LEADER:
             for peer in self._peers:
+                self._departing.pop(peer, None)
                 if peer not in self._prs:
                     self._prs[peer] = _Progress(self.last_index + 1)
                     self._need_flush = True
             for peer in list(self._prs):
-                if peer not in conf.members or peer == self._id:
+                if peer == self._id:
                     del self._prs[peer]
+                elif peer not in conf.members and peer not in self._departing:
+                    # Keep replicating to it until it has the entry that
+                    # removed it, so that it learns it is no longer a member.
+                    self._departing[peer] = [self.last_index, 0]
             if self._transfer_target is not None and self._transfer_target not in conf.voters:
                 self._transfer_target = None
+            self._update_targets()
         elif self._role is Role.FOLLOWER or self._role is Role.LEARNER:
             self._role = Role.LEARNER if self._id in conf.learners else Role.FOLLOWER
         elif self._id not in conf.voters:
             self._become_follower(self._term, None)
+
+    def _update_targets(self) -> None:
+        self._targets = sorted([*self._peers, *self._departing])
+
+    def _depart(self, peer: NodeId) -> None:
+        del self._departing[peer]
+        self._prs.pop(peer, None)
+        self._update_targets()
 
     # ------------------------------------------------------------------
     # Role changes
@@ -701,6 +719,8 @@ class RaftCore:
         self._heartbeat_elapsed = 0
         self._reset_timeout()
         self._prs = {}
+        self._departing = {}
+        self._targets = []
         self._votes = {}
         self._transfer_target = None
         self._need_flush = False
@@ -765,6 +785,8 @@ class RaftCore:
         self._transfer_target = None
         last = self.last_index
         self._prs = {peer: _Progress(last + 1) for peer in self._peers}
+        self._departing = {}
+        self._update_targets()
         for pr in self._prs.values():
             pr.active = True
         self._pending_conf_index = self._conf_hist[-1][0] if self._conf_hist else 0
@@ -1013,6 +1035,13 @@ class RaftCore:
                 self._become_follower(self._term, None)
                 return
             self._transfer_target = None
+        if self._departing:
+            # Stop telling unreachable removed nodes once the removal is old.
+            for peer, state in list(self._departing.items()):
+                if self._commit >= state[0]:
+                    state[1] += 1
+                    if state[1] >= 2 * cfg.election_ticks:
+                        self._depart(peer)
         if self._heartbeat_elapsed >= cfg.heartbeat_ticks:
             self._heartbeat_elapsed = 0
             self._broadcast_heartbeat()
@@ -1028,7 +1057,7 @@ class RaftCore:
 
     def _broadcast_heartbeat(self) -> None:
         commit = self._commit
-        for peer in self._peers:
+        for peer in self._targets:
             pr = self._prs[peer]
             if pr.state == _SNAPSHOT:
                 pr.stall += 1
@@ -1102,6 +1131,10 @@ class RaftCore:
         if advanced:
             pr.match = m.index
             pr.stall = 0
+            gone = self._departing.get(m.sender)
+            if gone is not None and pr.match >= gone[0]:
+                self._depart(m.sender)  # it has the entry that removed it
+                return
         if pr.state == _PROBE:
             if advanced or m.index == pr.next - 1:
                 pr.become_replicate()
@@ -1166,7 +1199,7 @@ class RaftCore:
             return
         last = self.last_index
         commit = self._commit
-        for peer in self._peers:
+        for peer in self._targets:
             pr = self._prs[peer]
             if pr.state == _REPLICATE:
                 sent = False
