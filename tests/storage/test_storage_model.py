@@ -20,7 +20,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -160,49 +162,90 @@ class StorageMachine(RuleBasedStateMachine):
         self._reopen_and_check()
 
     @precondition(lambda self: self.storage is not None)
-    @rule(data=st.data())
-    def crash_inside_save(self, data: st.DataObject) -> None:
-        hard_state, entries, _ = self._draw_save(data, with_snapshot=False)
-        if not entries:
-            return
+    @rule(data=st.data(), with_snapshot=st.booleans())
+    def crash_inside_save(self, data: st.DataObject, with_snapshot: bool) -> None:
+        hard_state, entries, snapshot = self._draw_save(data, with_snapshot)
         before = {p.name: p.read_bytes() for p in self.dir.glob("log-*.seg")}
         old = self.model.load()
-        self.fs._datasync = _crash
+        crash_at = data.draw(st.integers(1, 8), label="crash at sync number")
+        synced: list[tuple[str, str, int]] = []  # (kind, path, size) of each completed sync
+
+        def staged(kind: str, real: Callable[[Any], None]) -> Callable[[Any], None]:
+            def sync(target: Any) -> None:
+                if len(synced) + 1 >= crash_at:
+                    raise Crash
+                real(target)
+                if isinstance(target, int):
+                    synced.append(
+                        (kind, os.readlink(f"/proc/self/fd/{target}"), os.fstat(target).st_size)
+                    )
+                else:
+                    synced.append((kind, str(target), 0))
+
+            return sync
+
+        fs = self.fs
+        fs._datasync = staged("data", fs._datasync)
+        fs._fsync = staged("file", fs._fsync)
+        fs._dirsync = staged("dir", fs._dirsync)
         try:
-            self.fs.save(hard_state, entries, None)
+            fs.save(hard_state, entries, snapshot)
         except Crash:
             pass
-        else:
-            raise AssertionError("the save did not reach its data sync")
-        self.storage = None
-        # CPython frees the dropped object (and its lock) at once.
-        # Lose a random part of what was written since the last sync.
-        newest = max(self.dir.glob("log-*.seg"))
-        written = newest.read_bytes()
-        synced = before.get(newest.name, b"")
-        lower = 0
-        while lower < min(len(synced), len(written)) and synced[lower] == written[lower]:
-            lower += 1
-        if newest.name not in before and data.draw(st.booleans(), label="lose the new file"):
-            newest.unlink()
-        else:
-            cut = data.draw(st.integers(lower, len(written)), label="cut")
-            os.truncate(newest, cut)
+        del fs
+        self.storage = None  # CPython frees the dropped object (and its lock) at once.
+        # Lose a random part of what the newest segment received since it was
+        # last synced (possibly the whole file, if it is new and never synced).
+        segments = sorted(self.dir.glob("log-*.seg"))
+        if segments:
+            newest = segments[-1]
+            written = newest.read_bytes()
+            previous = before.get(newest.name, b"")
+            lower = 0
+            while lower < min(len(previous), len(written)) and previous[lower] == written[lower]:
+                lower += 1
+            data_syncs = [
+                size for kind, path, size in synced if kind == "data" and path == str(newest)
+            ]
+            lower = max([lower, *data_syncs])
+            if newest.name not in before and not data_syncs and data.draw(st.booleans()):
+                newest.unlink()
+            else:
+                os.truncate(newest, data.draw(st.integers(lower, len(written)), label="cut"))
         self.storage = self._open()
         state = self.fs.load()
-        assert state.snapshot == old.snapshot
-        kept = entries[0].index - (old.snapshot.meta.index if old.snapshot else 0) - 1
-        assert state.entries[:kept] == old.entries[:kept]
-        new = state.entries[kept:]
-        assert new == tuple(entries[: len(new)])
-        if state.hard_state != old.hard_state:
-            # A new commit index alone is written behind the entries, in the
-            # same write: it may survive if everything before it did.
-            assert hard_state is not None
-            assert (hard_state.term, hard_state.vote) == (old.hard_state.term, old.hard_state.vote)
-            assert state.hard_state == hard_state
-            assert len(new) == len(entries)
+        assert state in self._outcomes(old, hard_state, entries, snapshot)
         self.model = model_from(state)
+
+    @staticmethod
+    def _outcomes(
+        old: PersistedState,
+        hard_state: HardState | None,
+        entries: list[Entry],
+        snapshot: Snapshot | None,
+    ) -> list[PersistedState]:
+        """What a crash inside a save may leave: the save's effects, in order, up to a point."""
+        outcomes = [old]
+        model = model_from(old)
+        if snapshot is not None:
+            model.save(None, [], snapshot)
+            outcomes.append(model.load())
+        new = [e for e in entries if e.index > model.snapshot_index]
+        if new:
+            state = model.load()
+            # A log cut is done in synced steps, newest segment first: any
+            # cut at or after the first new entry may be left.
+            for cut in range(new[0].index, model.last_index + 1):
+                kept = tuple(e for e in state.entries if e.index < cut)
+                outcomes.append(PersistedState(state.hard_state, state.snapshot, kept))
+            for k in range(1, len(new) + 1):
+                partial = model_from(state)
+                partial.save(None, new[:k], None)
+                outcomes.append(partial.load())
+            model.save(None, new, None)
+        model.save(hard_state, [], None)
+        outcomes.append(model.load())
+        return outcomes
 
     def _reopen_and_check(self) -> None:
         self.storage = self._open()

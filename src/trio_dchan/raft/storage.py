@@ -443,7 +443,10 @@ class FileStorage:
         # releases its lock when it is garbage collected.
         self._fds: list[int] = []
         self._finalizer = weakref.finalize(self, _close_fds, self._fds)
+        # The sync calls, as attributes so that tests can stage a crash at any of them.
         self._datasync: Callable[[int], None] = _datasync
+        self._fsync: Callable[[int], None] = os.fsync
+        self._dirsync: Callable[[Path], None] = _fsync_dir
         self._segments: list[_Segment] = []
         self._fd: int | None = None  # the last segment, open for writing
         self._hard_state = HardState()
@@ -537,11 +540,11 @@ class FileStorage:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _write_all(fd, data, 0)
-            os.fsync(fd)
+            self._fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, self.path / name)
-        _fsync_dir(self.path)
+        self._dirsync(self.path)
 
     # -- loading --------------------------------------------------------------
 
@@ -876,7 +879,7 @@ class FileStorage:
         if dropped:
             # Not strictly required (a lost unlink is redone on load), but it
             # keeps disk usage honest after a crash.
-            _fsync_dir(self.path)
+            self._dirsync(self.path)
 
     def _append(self, entries: Sequence[Entry], commit_record: HardState | None) -> None:
         last = self._last_index
@@ -914,7 +917,7 @@ class FileStorage:
         _write_all(out, data, start)
         self._datasync(out)
         if new_segment:
-            _fsync_dir(self.path)
+            self._dirsync(self.path)
         if previous is not None:
             # Seal the full segment only now that its successor is durable, so
             # a seal always names a segment that exists.
@@ -934,23 +937,35 @@ class FileStorage:
         seg.size = start + len(data)
 
     def _truncate_from(self, index: int) -> None:
-        """Durably remove the records at ``index`` and after (a rare event: a log conflict)."""
+        """Durably remove the records at ``index`` and after (a rare event: a log conflict).
+
+        Every step is synced before the next, so that a crash at any point
+        leaves a valid log: the old one cut somewhere at or after ``index``.
+        Whole segments go newest first, each after its predecessor has lost
+        its seal (a seal naming a deleted segment would read as a missing
+        segment); then the segment holding ``index`` is cut.
+        """
         self._preserve_commit()
-        doomed = [seg for seg in self._segments if seg.first_index >= index]
-        if doomed:
+        while self._segments and self._segments[-1].first_index >= index:
             self._close_segment()
-            for seg in doomed:
-                seg.path.unlink()
-            self._segments = self._segments[: len(self._segments) - len(doomed)]
-            # The later segments must be gone before the earlier one shrinks:
-            # otherwise a crash could leave a gap between them.
-            _fsync_dir(self.path)
-            if self._segments:
-                fd = os.open(self._segments[-1].path, os.O_RDWR)
-                self._fds.append(fd)
-                self._fd = fd
+            doomed = self._segments.pop()
+            if self._segments and self._segments[-1].sealed:
+                prev = self._segments[-1]
+                fd = os.open(prev.path, os.O_RDWR)
+                try:
+                    os.ftruncate(fd, prev.size)
+                    self._datasync(fd)
+                finally:
+                    os.close(fd)
+                prev.sealed = False
+            doomed.path.unlink()
+            self._dirsync(self.path)
         if not self._segments:
             return
+        if self._fd is None:
+            fd = os.open(self._segments[-1].path, os.O_RDWR)
+            self._fds.append(fd)
+            self._fd = fd
         seg = self._segments[-1]
         pos = index - seg.first_index
         if pos < len(seg.offsets) or seg.sealed:
@@ -959,8 +974,6 @@ class FileStorage:
             del seg.terms[pos:]
             seg.size = cut
             seg.sealed = False
-            if self._fd is None:
-                raise StorageError("internal error: no open segment")
             os.ftruncate(self._fd, cut)
             # Synced at once: the next write may go to a new segment, and the
             # dropped records must not come back after a crash.
