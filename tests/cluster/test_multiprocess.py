@@ -63,6 +63,12 @@ async def test_three_processes_many_to_many_exactly_once_and_fair(tmp_path: Path
             for n in nodes:
                 await n.request("close", ns="work")
 
+        # Per (sending node, receiving node), messages of one send channel keep their order.
+        for n in nodes:
+            for rid, values in n.got["work"].items():
+                for parity in (0, 1):
+                    stream = [v for v in values if v % 2 == parity]
+                    assert stream == sorted(stream), f"{rid} got sender {parity}'s out of order"
         shares = {rid: Counter(values) for n in nodes for rid, values in n.got["work"].items()}
         merged = sum(shares.values(), Counter())
         assert set(merged) == set(range(total)), "every message arrived"
