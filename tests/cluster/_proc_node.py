@@ -41,9 +41,13 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
+
+if TYPE_CHECKING:
+    from trio_dchan.cluster import Cluster
+    from trio_dchan.dataplane import DistributedReceiveChannel, Receipt
 
 #: Bound on any single awaited condition in these tests (a failure, never a pass).
 STEP = 20.0
@@ -81,10 +85,11 @@ async def _json_lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[dict[str,
 
 
 class _Child:
-    def __init__(self, cluster: Any, nursery: trio.Nursery) -> None:
+    """The requests one node process serves."""
+
+    def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
-        self.nursery = nursery
-        self.receivers: dict[str, tuple[Any, trio.CancelScope]] = {}
+        self.receivers: dict[str, tuple[DistributedReceiveChannel, trio.CancelScope]] = {}
 
     def status(self) -> dict[str, Any]:
         raft = self.cluster.raft
@@ -138,14 +143,15 @@ class _Child:
 
         values = range(int(request["start"]), int(request["stop"]), int(request["step"]))
         timeout = float(request["timeout"])
-        receipts: list[tuple[int, Any]] = []
+        receipts: list[tuple[int, Receipt]] = []
         async with self.cluster.send(request["ns"], int(request["buffer"])) as tx:
             for value in values:
                 receipts.append((value, await tx.send_tracked(value, timeout=timeout)))
-        # aclose() returned: every receipt is decided.
-        delivered: dict[str, list[int]] = defaultdict(list)
+        delivered: dict[str | None, list[int]] = defaultdict(list)
         failed: dict[str, list[int]] = defaultdict(list)
         for value, receipt in receipts:
+            if not receipt.done():
+                raise RuntimeError(f"aclose() returned before message {value} was decided")
             try:
                 ok = await receipt.delivered()
             except DeliveryUnknownError:
@@ -173,7 +179,7 @@ async def _serve(args: argparse.Namespace) -> None:
     ) as cluster:
         stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
         async with trio.open_nursery() as nursery:
-            child = _Child(cluster, nursery)
+            child = _Child(cluster)
             _emit(event="up", pid=os.getpid(), **child.status())
             async for request in _json_lines(stdin):
                 if request["op"] == "exit":

@@ -81,8 +81,8 @@ async def test_three_processes_many_to_many_exactly_once_and_fair(tmp_path: Path
         }
         assert sum(len(v) for v in delivered.values()) == total
         # Each receipt names the receiver that really took the message.
-        for rid, values in shares.items():
-            assert sorted(values) == delivered[rid], f"receipts disagree for {rid}"
+        for rid, taken in shares.items():
+            assert sorted(taken) == delivered[rid], f"receipts disagree for {rid}"
         assert {rid for rid, _ in registered} == set(shares)
         counts = [sum(c.values()) for c in shares.values()]
         assert min(counts) >= total / 3 / 3, f"unfair shares {counts}"
