@@ -858,14 +858,23 @@ class FileStorage:
             self._write_hard_state()
 
     def _drop_segments_before(self, snap_index: int, keep_from: int | None) -> None:
-        """Delete segments holding nothing at or after ``keep_from`` (all if ``None``)."""
+        """Delete segments holding nothing at or after ``keep_from`` (all if ``None``).
+
+        Either way every step leaves a valid log if a crash interrupts it: a
+        prefix goes oldest first (what is left still starts at or before the
+        snapshot's successor); the whole log goes newest first, like a cut,
+        so that no gap and no dangling seal is ever visible.
+        """
+        if keep_from is None:
+            if self._segments:
+                self._truncate_from(self._segments[0].first_index)
+            return
         dropped = False
         keep: list[_Segment] = []
         for n, seg in enumerate(self._segments):
             is_last = n == len(self._segments) - 1
-            if keep_from is not None and (
-                seg.last_index >= keep_from
-                or (is_last and not seg.offsets and seg.first_index == keep_from)
+            if seg.last_index >= keep_from or (
+                is_last and not seg.offsets and seg.first_index == keep_from
             ):
                 keep.append(seg)
                 continue
