@@ -16,7 +16,10 @@ from trio_dchan.raft.transport import MemoryNetwork
 from trio_dchan.raft.types import ConfState, Entry, EntryType, NodeId, Role
 
 #: Fast but realistic timings for tests under MockClock (time is free there).
-TEST_SETTINGS = RaftSettings(tick_interval=0.01, election_ticks=10, heartbeat_ticks=2)
+#: Saves run inline: MockClock would jump while a worker thread runs.
+TEST_SETTINGS = RaftSettings(
+    tick_interval=0.01, election_ticks=10, heartbeat_ticks=2, persist_in_thread=False
+)
 
 
 class RecordingMachine:

@@ -8,6 +8,7 @@ and runs are deterministic for a given seed.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import trio
@@ -21,7 +22,7 @@ from trio_dchan.raft.node import (
     RaftSettings,
     open_raft_node,
 )
-from trio_dchan.raft.storage import MemoryStorage
+from trio_dchan.raft.storage import FileStorage, MemoryStorage
 from trio_dchan.raft.transport import MemoryNetwork, Unavailable
 from trio_dchan.raft.types import ConfState, Role
 
@@ -377,3 +378,36 @@ def test_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="max_batch"):
         RaftSettings(max_batch=0)
     assert RaftSettings().election_timeout < 0.8
+
+
+async def test_saves_in_a_worker_thread_with_real_files(tmp_path: Path) -> None:
+    """Real clock, real files, saves in a thread: state survives a restart."""
+    settings = dataclasses.replace(TEST_SETTINGS, persist_in_thread=True)
+    network = MemoryNetwork()
+    conf = ConfState(voters=frozenset({"solo"}))
+    with trio.fail_after(20):
+        with FileStorage(tmp_path, cluster_id="t", node_id="solo") as storage:
+            async with open_raft_node(
+                "solo",
+                storage=storage,
+                state_machine=RecordingMachine(),
+                transport_factory=lambda handler: network.transport_for("solo", handler),
+                settings=settings,
+                initial_conf=conf,
+            ) as node:
+                await node.wait_leader_known()
+                async with trio.open_nursery() as proposers:
+                    for i in range(20):
+                        proposers.start_soon(node.propose, b"t%d" % i)
+                last = node.applied_index
+        machine = RecordingMachine()
+        with FileStorage(tmp_path, cluster_id="t", node_id="solo") as storage:
+            async with open_raft_node(
+                "solo",
+                storage=storage,
+                state_machine=machine,
+                transport_factory=lambda handler: network.transport_for("solo", handler),
+                settings=settings,
+            ) as node:
+                await node.wait_for(lambda n: n.applied_index >= last)
+    assert sorted(machine.applied) == sorted(b"t%d" % i for i in range(20))

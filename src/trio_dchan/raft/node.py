@@ -55,6 +55,7 @@ from trio_dchan.errors import DchanError
 
 from .core import RaftConfig, RaftCore
 from .errors import NotLeader, ProposalDropped, RaftError
+from .storage import MemoryStorage
 from .transport import Proposal, ProposalKind, RaftHandler, RaftTransport, Unavailable
 from .types import (
     ConfChange,
@@ -165,8 +166,13 @@ class RaftSettings:
     transfer_timeout: float = 2.0
     #: How long a deposed leader keeps waiting to learn its proposals' fate.
     outcome_wait: float = 1.0
-    #: Run ``storage.save`` in a worker thread (``trio.to_thread``) instead of inline.
-    persist_in_thread: bool = False
+    #: Run ``storage.save`` in a worker thread (``trio.to_thread``) instead of inline,
+    #: so the event loop keeps serving the transport and other nodes while fsync waits.
+    #: ``None`` (the default): in a thread, except for an in-memory storage.
+    persist_in_thread: bool | None = None
+    #: A leader sends appends while its own write is in flight (it still counts
+    #: itself towards a commit only once its write is durable).
+    leader_parallel_persist: bool = True
 
     def __post_init__(self) -> None:
         if not (self.tick_interval > 0 and math.isfinite(self.tick_interval)):
@@ -246,6 +252,11 @@ class RaftNode:
         self.id = node_id
         self.settings = settings
         self._storage = storage
+        self._persist_in_thread = (
+            settings.persist_in_thread
+            if settings.persist_in_thread is not None
+            else not isinstance(storage, MemoryStorage)
+        )
         self._sm = state_machine
         persisted = storage.load()
         fresh = (
@@ -265,6 +276,10 @@ class RaftNode:
             check_quorum=settings.check_quorum,
         )
         self._core = RaftCore(config, persisted, rng)
+        # The hard state last handed to storage, and a newer one whose only
+        # change is the commit index, waiting to ride along with the next save.
+        self._saved_hs = persisted.hard_state
+        self._deferred_hs: HardState | None = None
         self._transport: RaftTransport | None = None
         self._inbox: deque[Message] = deque()
         self._commands: list[tuple[bytes, _Waiter]] = []
@@ -378,7 +393,14 @@ class RaftNode:
         :class:`OutcomeUnknown`, :class:`NodeStopped` or
         :class:`~trio_dchan.raft.transport.Unavailable`; see the module docs.
         """
-        return await self._submit(Proposal(ProposalKind.COMMAND, bytes(command)))
+        command = bytes(command)
+        if self._running and self._core.role is Role.LEADER:
+            # Fast path on the leader: straight into the next batch.
+            try:
+                return (await self._propose_local(command))[1]
+            except NotLeader:
+                pass  # deposed before the batch was cut: never appended, retry below
+        return await self._submit(Proposal(ProposalKind.COMMAND, command))
 
     async def add_voter(self, node_id: NodeId, address: str) -> object:
         """Add ``node_id`` (or promote a learner) as a voter; the Registry records ``address``."""
@@ -631,16 +653,53 @@ class RaftNode:
 
     async def _handle_ready(self, ready: Ready) -> None:
         # 1. Persist: one save (one fsync round) for everything this Ready carries.
-        if ready.hard_state is not None or ready.entries or ready.snapshot is not None:
-            if self.settings.persist_in_thread:
+        hard_state = ready.hard_state
+        if hard_state is not None:
+            saved = self._saved_hs
+            if (
+                not ready.entries
+                and ready.snapshot is None
+                and hard_state.term == saved.term
+                and hard_state.vote == saved.vote
+            ):
+                # Only the commit index moved. Nothing sent depends on it being
+                # durable (a restarted node relearns it from the leader), so it
+                # rides along with the next save instead of costing an fsync now.
+                self._deferred_hs = hard_state
+                hard_state = None
+        elif (ready.entries or ready.snapshot is not None) and self._deferred_hs is not None:
+            hard_state = self._deferred_hs
+        # A leader whose term and vote are already durable may send its appends
+        # while its own write is in flight (Raft thesis, section 10.2.1): the
+        # core counts the leader itself towards a commit only once ``advance``
+        # reports its entries stable, and nothing a leader sends in its own
+        # term promises anything about its disk.
+        early = (
+            self.settings.leader_parallel_persist
+            and self._core.role is Role.LEADER
+            and (
+                ready.hard_state is None
+                or (
+                    ready.hard_state.term == self._saved_hs.term
+                    and ready.hard_state.vote == self._saved_hs.vote
+                )
+            )
+        )
+        if early and ready.messages:
+            self._transport_or_raise().send(ready.messages)
+        if hard_state is not None or ready.entries or ready.snapshot is not None:
+            if self._persist_in_thread:
                 await trio.to_thread.run_sync(
-                    self._storage.save, ready.hard_state, ready.entries, ready.snapshot
+                    self._storage.save, hard_state, ready.entries, ready.snapshot
                 )
             else:
-                self._storage.save(ready.hard_state, ready.entries, ready.snapshot)
+                self._storage.save(hard_state, ready.entries, ready.snapshot)
             self.stats_saves += 1
+            if hard_state is not None:
+                self._saved_hs = hard_state
+                self._deferred_hs = None
         # 2. Send what depends on it.
-        if ready.messages:
+        if ready.messages and not early:
             self._transport_or_raise().send(ready.messages)
         # 3. Install a snapshot, apply committed entries.
         if ready.install_snapshot and ready.snapshot is not None:
