@@ -274,7 +274,7 @@ async def _wait_receivers(cluster: Any, namespace: str, n: int) -> None:
 
     tx = cluster.send(namespace)
     with trio.fail_after(30):
-        while tx.statistics().receivers < n:
+        while tx.statistics().receivers < n:  # noqa: ASYNC110 - a statistic, no event
             await trio.sleep(0.01)
     tx.close()
 
@@ -429,7 +429,7 @@ def child_dchan_agg(fd: int, address: str, peers: list[str], count: int) -> None
                 emit(kind="sent")
                 await _wait_quit()
                 # Every sender finished: all messages sit in some buffer.
-                while rx.statistics().current_buffer_used:
+                while rx.statistics().current_buffer_used:  # noqa: ASYNC110
                     await trio.sleep(0.001)
                 emit(kind="end", at=last, count=got)
                 nursery.cancel_scope.cancel()
@@ -614,6 +614,22 @@ def run_dchan_three(count: int) -> float:
 
 
 def child_main(role: str, args: list[str]) -> None:
+    target = os.environ.get("BENCH_PROFILE_DIR")
+    if target and role.startswith("dchan"):
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            _child_main(role, args)
+        finally:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(target, f"{role}-{os.getpid()}.prof"))
+        return
+    _child_main(role, args)
+
+
+def _child_main(role: str, args: list[str]) -> None:
     if role == "memchan":
         child_memchan(int(args[0]))
     elif role == "tcp-recv":
@@ -644,6 +660,9 @@ def child_main(role: str, args: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts")
+    parser.add_argument(
+        "--only-dchan", action="store_true", help="skip the baselines (while profiling)"
+    )
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.child:
@@ -659,6 +678,9 @@ def main() -> None:
     offer = 1_000_000
 
     print(f"load average before: {os.getloadavg()}", flush=True)
+    if opts.only_dchan:
+        print(json.dumps(run_dchan_pair(counts, pings, offer)), flush=True)
+        return
     memchan = run_memchan(counts["small"])
     print(f"trio memory channel, 2 tasks:   {memchan:>10,.0f} msgs/s", flush=True)
     tcp = run_tcp(counts, pings)

@@ -8,16 +8,18 @@ streams.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
-from _dp_harness import open_cluster
+from _dp_harness import FAST, open_cluster
 
 from trio_dchan import codec
 from trio_dchan.dataplane import (
     DeliveryUnknownError,
+    MemoryLink,
     Outcome,
     PeerProtocolError,
     memory_link_pair,
@@ -220,3 +222,41 @@ async def test_receiving_node_refuses_what_it_did_not_grant_or_cannot_decode() -
         with trio.fail_after(5):
             await rx.aclose()
         assert rx.statistics().dropped == 0
+
+
+async def test_credit_returns_in_chunks_not_one_frame_per_message() -> None:
+    """A consumer draining a full buffer frees credit in chunks (a quarter of the buffer).
+
+    Granting each freed slot on its own would send one feedback frame per
+    message received, and the sender would trickle one message per frame.
+    """
+    settings = dataclasses.replace(FAST, handoff_timeout=0.1)
+    async with open_cluster(2, seed=5, settings=settings) as cluster:
+        rx = cluster.planes["n1"].receive("chunks", buffer=64)
+        with trio.fail_after(5):
+            await rx.wait_registered()
+        tx = cluster.planes["n0"].send("chunks")
+
+        async def flood() -> None:
+            for i in range(1000):
+                await tx.send(i)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood)
+            with trio.fail_after(5):
+                while not (
+                    rx.statistics().current_buffer_used == 64
+                    and tx.statistics().tasks_waiting_send == 1
+                ):
+                    await trio.testing.wait_all_tasks_blocked(cushion=0.001)
+            (feedback,) = [
+                theirs for me, peer, _, theirs in cluster.links if (me, peer) == ("n0", "n1")
+            ]
+            assert isinstance(feedback, MemoryLink)
+            before = feedback.frames_sent
+            for _ in range(64):
+                await rx.receive()
+            await trio.testing.wait_all_tasks_blocked(cushion=0.001)
+            # 64 / 16 grants, each answered at most by its own frame plus an ack.
+            assert feedback.frames_sent - before <= 2 * (64 // 16)
+            nursery.cancel_scope.cancel()

@@ -240,7 +240,7 @@ class DistributedReceiveChannel(trio.abc.ReceiveChannel[Any]):
         if inbox.data:
             value = inbox.data.popleft()
             inbox.freed += 1
-            if inbox.freed >= inbox.chunk or inbox.granted_total < inbox.chunk:
+            if inbox.freed >= inbox.chunk:
                 inbox.grant()
             return value
         if inbox.ended:

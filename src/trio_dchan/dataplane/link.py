@@ -59,6 +59,8 @@ class MemoryLink:
         self._send = send
         self._receive = receive
         self._max_frame_bytes = max_frame_bytes
+        #: Frames written to this end so far.
+        self.frames_sent = 0
 
     async def send_frame(self, frame: bytes) -> None:
         if self._max_frame_bytes is not None and len(frame) > self._max_frame_bytes:
@@ -66,6 +68,7 @@ class MemoryLink:
                 f"frame of {len(frame)} bytes exceeds the link limit of {self._max_frame_bytes}"
             )
         await self._send.send(frame)
+        self.frames_sent += 1
 
     async def receive_frame(self) -> bytes:
         return await self._receive.receive()
