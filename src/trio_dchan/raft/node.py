@@ -39,6 +39,7 @@ has applied the entry, so a caller sees its own write locally once
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -365,6 +366,10 @@ class RaftNode:
         Returns ``[index, result]`` — plain data the transport carries back —
         so the follower can wait until it has applied ``index`` itself.
         """
+        if self._running and self._core.role is not Role.LEADER:
+            leader = self._core.leader
+            # Never chain forwards: tell the caller whom to ask instead.
+            raise NotLeader(leader if leader != self.id else None)
         try:
             if proposal.kind == ProposalKind.COMMAND:
                 return list(await self._propose_local(bytes(proposal.data)))
@@ -440,7 +445,7 @@ class RaftNode:
                 except NotLeader as exc:
                     # Never reached the log: safe to retry through the new leader.
                     last_error = exc
-            elif leader is not None:
+            elif leader is not None and leader != self.id:
                 try:
                     reply = await self._transport_or_raise().forward(leader, proposal)
                 except NotLeader as exc:
@@ -454,7 +459,7 @@ class RaftNode:
                 else:
                     return await self._after_forward(reply)
             else:
-                last_error = NotLeader(None)
+                last_error = NotLeader(leader if leader != self.id else None)
             self._check_running()
             if trio.current_time() >= deadline:
                 assert last_error is not None
@@ -484,7 +489,9 @@ class RaftNode:
         if not isinstance(index, int):
             raise ProposalDropped(f"malformed reply to a forwarded proposal: {reply!r}")
         # Read-your-writes: the caller sees its write in the local state machine.
-        await self.wait_for(lambda node: node.applied_index >= index)
+        # (If this node stops meanwhile, the command still committed: say so.)
+        with contextlib.suppress(NodeStopped):
+            await self.wait_for(lambda node: node.applied_index >= index)
         return result
 
     async def _propose_local(self, command: bytes) -> tuple[int, object]:
