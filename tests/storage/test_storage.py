@@ -613,3 +613,36 @@ def test_crash_while_a_snapshot_discards_the_log(tmp_path: Path, crash_at: int) 
         assert list(state.entries) == entries(1, 30)
     else:
         assert state.entries == ()
+
+
+def test_unwritten_page_before_written_ones_is_torn(tmp_path: Path) -> None:
+    """A crash can persist the later pages of a write but not an earlier one."""
+    _write_log(tmp_path, n=3)
+    seg = segments(tmp_path)[-1]
+    synced = seg.stat().st_size
+    storage = open_fs(tmp_path)
+    storage.load()
+    storage.save(None, entries(4, 200), None)  # ~25 KiB in one write
+    storage.close()
+    data = bytearray(seg.read_bytes())
+    page = (synced // 4096 + 1) * 4096
+    data[page : page + 4096] = bytes(4096)  # this page never reached the disk
+    seg.write_bytes(bytes(data))
+    state = reopen(tmp_path)
+    assert state.entries == tuple(entries(1, len(state.entries)))
+    assert 3 <= len(state.entries) < 200
+
+
+def test_bit_flip_mid_newest_segment_with_zero_data_elsewhere(tmp_path: Path) -> None:
+    """A flipped bit is corruption even when other records carry zero bytes."""
+    storage = open_fs(tmp_path)
+    storage.load()
+    log = [Entry(1, i, EntryType.NORMAL, bytes(100)) for i in range(1, 30)]
+    storage.save(HardState(1, None, 0), log, None)
+    storage.close()
+    seg = segments(tmp_path)[-1]
+    data = bytearray(seg.read_bytes())
+    data[16 + 8] ^= 0x01  # the term of the first record
+    seg.write_bytes(bytes(data))
+    with pytest.raises(CorruptStorageError, match="checksum"):
+        reopen(tmp_path)

@@ -401,6 +401,20 @@ def _record(term: int, index: int, kind: int) -> bytes:
     return _FRAME.pack(len(body), zlib.crc32(body)) + body
 
 
+_SECTOR = 512
+_ZERO_SECTOR = bytes(_SECTOR)
+
+
+def _zero_sector_within(view: memoryview, start: int, stop: int) -> bool:
+    """Whether an all-zero, sector-aligned block of the file overlaps bytes ``start:stop``."""
+    block = start - start % _SECTOR
+    while block < stop and block + _SECTOR <= len(view):
+        if view[block : block + _SECTOR] == _ZERO_SECTOR:
+            return True
+        block += _SECTOR
+    return False
+
+
 def segment_name(first_index: int) -> str:
     return f"log-{first_index:020d}.seg"
 
@@ -692,6 +706,11 @@ class FileStorage:
             if size < _ENTRY.size or zlib.crc32(view[body_start:body_end]) != crc:
                 if body_end == end or not any(view[pos:end]):
                     torn = "a damaged last record"
+                    break
+                if _zero_sector_within(view, pos, min(body_end, end)):
+                    # Pages of an interrupted write that never reached the
+                    # disk read back as zeros, possibly before pages that did.
+                    torn = "a record cut by unwritten (zeroed) sectors"
                     break
                 raise CorruptStorageError(
                     f"{path}: checksum mismatch in the record at offset {pos}"
