@@ -36,7 +36,7 @@ class DataPlaneSettings:
     credit_window: int = 256
     #: Frames of messages a sending node keeps on a stream before waiting for
     #: an ack; meanwhile new messages gather into the next batch.
-    max_unacked_frames: int = 2
+    max_unacked_frames: int = 1
     #: How long a batch may wait for more messages while a sender keeps
     #: adding them (a lone message never waits). 0 sends at once.
     batch_linger: float = 0.001
