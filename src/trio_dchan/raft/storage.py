@@ -2,9 +2,11 @@
 
 The driver (:mod:`.node`) hands every :class:`~.types.Ready` to
 :meth:`Storage.save` in one call and sends nothing that depends on it until
-the call returns: when ``save`` returns, what it was given is on disk. One
-call costs one round of fsyncs however many entries it carries, so a busy
-node amortises the fsync over a whole batch of proposals (group commit).
+the call returns: when ``save`` returns, what it was given is on disk. In
+the steady state (new entries and a higher commit index) one call costs one
+``fdatasync`` however many entries it carries, so a busy node amortises it
+over a whole batch of proposals (group commit); a new term or vote adds an
+atomic replacement of the hard state file.
 
 Two implementations share one contract:
 
