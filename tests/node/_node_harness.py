@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import random
 import struct
 from collections.abc import Callable
@@ -79,7 +80,8 @@ class Cluster:
     ) -> None:
         self.nursery = nursery
         self.ids = list(ids)
-        self.seed = seed
+        # NODE_SEED_OFFSET=k replays every scenario with other seeds.
+        self.seed = seed + int(os.environ.get("NODE_SEED_OFFSET", "0"))
         self.settings = settings
         self.network = MemoryNetwork(random.Random(seed))
         self.machine_factory = machine_factory or (lambda _id: RecordingMachine())

@@ -411,3 +411,31 @@ async def test_saves_in_a_worker_thread_with_real_files(tmp_path: Path) -> None:
             ) as node:
                 await node.wait_for(lambda n: n.applied_index >= last)
     assert sorted(machine.applied) == sorted(b"t%d" % i for i in range(20))
+
+
+async def test_lossy_network_still_agrees(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery, IDS, seed=13)
+        cluster.network.drop_rate = 0.2
+        await cluster.start_all()
+        done: list[bytes] = []
+        with trio.fail_after(60):
+            await cluster.wait_leader()
+            for i in range(30):
+                node = cluster.nodes[IDS[i % 3]]
+                command = b"lossy%d" % i
+                try:
+                    await node.propose(command)
+                except (NotLeader, Unavailable, OutcomeUnknown, ProposalDropped):
+                    continue
+                done.append(command)
+            cluster.network.drop_rate = 0.0
+            leader = await cluster.wait_leader()
+            await leader.propose(b"end")
+            await cluster.wait_applied(leader.applied_index)
+        histories = [rec(cluster, i).applied for i in IDS]
+        assert histories[0] == histories[1] == histories[2]
+        assert set(done) <= set(histories[0])
+        assert len(done) >= 20
+        assert cluster.network.dropped > 0
+        nursery.cancel_scope.cancel()
