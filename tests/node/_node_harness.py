@@ -14,7 +14,7 @@ import trio
 from trio_dchan.raft.node import NodeStopped, RaftNode, RaftSettings, StateMachine, open_raft_node
 from trio_dchan.raft.storage import MemoryStorage
 from trio_dchan.raft.transport import MemoryNetwork
-from trio_dchan.raft.types import ConfState, Entry, EntryType, NodeId, Role
+from trio_dchan.raft.types import ConfState, Entry, EntryType, Message, MessageType, NodeId, Role
 
 #: Fast but realistic timings for tests under MockClock (time is free there).
 #: Saves run inline: MockClock would jump while a worker thread runs.
@@ -83,7 +83,11 @@ class Cluster:
         # NODE_SEED_OFFSET=k replays every scenario with other seeds.
         self.seed = seed + int(os.environ.get("NODE_SEED_OFFSET", "0"))
         self.settings = settings
-        self.network = MemoryNetwork(random.Random(seed))
+        self.network = MemoryNetwork(random.Random(self.seed))
+        #: term -> the node that sent appends/heartbeats as leader in it.
+        self.leader_of_term: dict[int, NodeId] = {}
+        self.violations: list[str] = []
+        self.network.observers.append(self._observe)
         self.machine_factory = machine_factory or (lambda _id: RecordingMachine())
         self.storage_factory = storage_factory or (lambda _id: MemoryStorage())
         self.storages: dict[NodeId, Any] = {}
@@ -92,6 +96,20 @@ class Cluster:
         self.scopes: dict[NodeId, trio.CancelScope] = {}
         self.errors: dict[NodeId, BaseException] = {}
         self.incarnation: dict[NodeId, int] = {}
+
+    def _observe(self, message: Message) -> None:
+        """One leader per term, checked from the traffic itself."""
+        if message.type in (MessageType.APPEND, MessageType.HEARTBEAT, MessageType.SNAPSHOT):
+            known = self.leader_of_term.setdefault(message.term, message.sender)
+            if known != message.sender:
+                self.violations.append(
+                    f"term {message.term}: both {known} and {message.sender} acted as leader"
+                )
+
+    def check(self) -> None:
+        """Fail the test if the traffic ever showed two leaders in one term."""
+        if self.violations:
+            raise AssertionError("; ".join(self.violations))
 
     async def start_all(self) -> None:
         conf = ConfState(voters=frozenset(self.ids))
@@ -164,7 +182,9 @@ class Cluster:
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate()`` holds, re-checking on every change of any node."""
+        self.check()
         while not predicate():
+            self.check()
             nodes = [n for n in self.nodes.values() if n.running]
             if not nodes:
                 raise RuntimeError("no node is running")

@@ -175,6 +175,8 @@ async def test_crashes_never_lose_or_duplicate_committed_proposals(
         for node_id, history in histories.items():
             assert history == reference, f"{node_id} applied a different history"
         assert len(set(reference)) == len(reference), "a command was applied twice"
+        cluster.check()
+        assert len(cluster.leader_of_term) >= 2, "the crashes should have forced elections"
         missing = set(acknowledged) - set(reference)
         assert not missing, f"acknowledged but lost: {sorted(missing)[:5]} ({outcomes=})"
         assert len(acknowledged) > 100

@@ -147,3 +147,14 @@ def test_reattach_replaces_and_detach_is_conditional() -> None:
     assert recs["n1"].got == []
     net.detach("n1")
     assert "n1" not in net.nodes
+
+
+def test_observers_see_every_message_even_dropped_ones() -> None:
+    net, _recs, tr = make()
+    seen: list[Message] = []
+    net.observers.append(seen.append)
+    net.isolate("n2")
+    sent = [msg("n0", "n1"), msg("n0", "n2")]
+    tr["n0"].send(sent)
+    assert seen == sent
+    assert net.dropped == 1

@@ -138,6 +138,7 @@ async def test_leader_crash_fails_over_and_restart_catches_up(
             assert restarted.leader == new.id
         for node_id in IDS:
             assert rec(cluster, node_id).applied == [b"before", b"after"]
+        cluster.check()
         nursery.cancel_scope.cancel()
 
 
@@ -438,4 +439,5 @@ async def test_lossy_network_still_agrees(autojump_clock: trio.testing.MockClock
         assert set(done) <= set(histories[0])
         assert len(done) >= 20
         assert cluster.network.dropped > 0
+        cluster.check()
         nursery.cancel_scope.cancel()

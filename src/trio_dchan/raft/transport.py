@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -148,6 +148,9 @@ class MemoryNetwork:
         self._cut: set[tuple[NodeId, NodeId]] = set()
         self._groups: dict[NodeId, int] | None = None
         self.drop_rate = drop_rate
+        #: Called with every message a node sends (before faults apply), e.g.
+        #: by a test checker that verifies "one leader per term" from traffic.
+        self.observers: list[Callable[[Message], None]] = []
         #: Messages handed to ``deliver`` / dropped, for tests' curiosity.
         self.delivered = 0
         self.dropped = 0
@@ -222,6 +225,9 @@ class MemoryNetwork:
 
     def _send(self, source: NodeId, messages: Sequence[Message]) -> None:
         drop_rate = self.drop_rate
+        for observe in self.observers:
+            for message in messages:
+                observe(message)
         for message in messages:
             dest = message.to
             handler = self._handlers.get(dest)
