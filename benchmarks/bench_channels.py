@@ -66,6 +66,15 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def runqueue_seconds() -> float:
+    """Time this process was runnable but waiting for a CPU (Linux schedstat)."""
+    try:
+        with open("/proc/self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except OSError:
+        return float("nan")
+
+
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -80,6 +89,7 @@ def child_memchan(count: int) -> None:
     async def main() -> None:
         send, receive = trio.open_memory_channel[Any](BUFFER)
         start = time.time()
+        wait0 = runqueue_seconds()
 
         async def produce() -> None:
             async with send:
@@ -91,7 +101,12 @@ def child_memchan(count: int) -> None:
             n = 0
             async for _ in receive:
                 n += 1
-        emit(kind="result", rate=n / (time.time() - start))
+        elapsed = time.time() - start
+        emit(
+            kind="result",
+            rate=n / elapsed,
+            runqueue_fraction=(runqueue_seconds() - wait0) / elapsed,
+        )
 
     trio.run(main)
 
@@ -322,11 +337,18 @@ def child_dchan_send(
         count = counts[ns]
         await _wait_receivers(cluster, ns, 1)
         cpu0 = cpu_seconds()
-        emit(kind="start", phase=ns, at=time.time())
+        wait0 = runqueue_seconds()
+        start = time.time()
+        emit(kind="start", phase=ns, at=start)
         async with cluster.send(ns) as tx:
             for i in range(count):
                 await tx.send(make(i))
-        emit(kind="cpu", phase=ns, per_message=(cpu_seconds() - cpu0) / count)
+        emit(
+            kind="cpu",
+            phase=ns,
+            per_message=(cpu_seconds() - cpu0) / count,
+            runqueue_fraction=(runqueue_seconds() - wait0) / (time.time() - start),
+        )
 
     async def tracked(cluster: Any) -> None:
         count = counts["tracked"]
@@ -497,11 +519,11 @@ def rate(start: dict[str, Any], end: dict[str, Any]) -> float:
     return float(end["count"]) / (end["at"] - start["at"])
 
 
-def run_memchan(count: int) -> float:
+def run_memchan(count: int) -> tuple[float, float]:
     child = Child("memchan", str(count))
     result = child.next("result")
     child.wait()
-    return float(result["rate"])
+    return float(result["rate"]), float(result["runqueue_fraction"])
 
 
 def run_tcp(counts: dict[str, int], pings: int) -> dict[str, float]:
@@ -571,7 +593,9 @@ def run_dchan_pair(counts: dict[str, int], pings: int, offer: int) -> dict[str, 
         for phase in ("small", "big"):
             start = send.next("start")
             out[phase] = rate(start, recv.next("end"))
-            out[f"{phase}_sender_cpu_us_per_msg"] = send.next("cpu")["per_message"] * 1e6
+            cpu = send.next("cpu")
+            out[f"{phase}_sender_cpu_us_per_msg"] = cpu["per_message"] * 1e6
+            out[f"{phase}_sender_runqueue_fraction"] = cpu["runqueue_fraction"]
         out["tracked"] = rate(send.next("start"), recv.next("end"))
         out["latency_p50_s"] = float(send.next("latency")["p50"])
         rss = send.next("rss")
@@ -681,8 +705,12 @@ def main() -> None:
     if opts.only_dchan:
         print(json.dumps(run_dchan_pair(counts, pings, offer)), flush=True)
         return
-    memchan = run_memchan(counts["small"])
-    print(f"trio memory channel, 2 tasks:   {memchan:>10,.0f} msgs/s", flush=True)
+    memchan, memchan_wait = run_memchan(counts["small"])
+    print(
+        f"trio memory channel, 2 tasks:   {memchan:>10,.0f} msgs/s "
+        f"(waiting for a CPU {memchan_wait:.0%} of the time)",
+        flush=True,
+    )
     tcp = run_tcp(counts, pings)
     print(
         f"raw trio TCP, batched cbor2:    {tcp['small']:>10,.0f} msgs/s small, "
@@ -698,7 +726,8 @@ def main() -> None:
     dc = run_dchan_pair(counts, pings, offer)
     print(
         f"trio_dchan, 2 processes:        {dc['small']:>10,.0f} msgs/s small "
-        f"({dc['small_sender_cpu_us_per_msg']:.1f} us sender CPU/msg), "
+        f"({dc['small_sender_cpu_us_per_msg']:.1f} us sender CPU/msg, sender waiting for "
+        f"a CPU {dc['small_sender_runqueue_fraction']:.0%} of the time), "
         f"{dc['big']:,.0f} msgs/s 4 KiB, {dc['tracked']:,.0f} msgs/s tracked, "
         f"tracked p50 {dc['latency_p50_s'] * 1e6:.0f} us",
         flush=True,
@@ -722,6 +751,8 @@ def main() -> None:
         "zmq_4k_msgs_per_s": round(zmq["big"]),
         "dchan_small_msgs_per_s": round(dc["small"]),
         "dchan_small_sender_cpu_us_per_msg": round(dc["small_sender_cpu_us_per_msg"], 2),
+        "dchan_small_sender_runqueue_fraction": round(dc["small_sender_runqueue_fraction"], 3),
+        "memchan_runqueue_fraction": round(memchan_wait, 3),
         "dchan_4k_msgs_per_s": round(dc["big"]),
         "dchan_4k_sender_cpu_us_per_msg": round(dc["big_sender_cpu_us_per_msg"], 2),
         "dchan_tracked_msgs_per_s": round(dc["tracked"]),
