@@ -360,7 +360,8 @@ class Registry:
 
     def _changed(self) -> None:
         self._version += 1
-        self._lot.unpark_all()
+        if self._lot:
+            self._lot.unpark_all()
 
     # -- snapshots ------------------------------------------------------------
 
