@@ -45,7 +45,7 @@ from trio_dchan.registry import (
 )
 
 from . import _frames as fr
-from .errors import PeerProtocolError
+from .errors import MessageTooLargeError, PeerProtocolError
 from .link import DataLink, memory_link_pair
 from .types import DataPlaneSettings, NamespaceStatistics, Outcome, Receipt
 
@@ -960,8 +960,6 @@ class DataPlane:
 
     def encode(self, value: object) -> bytes:
         """Encode one message in the caller's task; raise if it cannot be sent."""
-        from .errors import MessageTooLargeError
-
         encoded = codec.encode(value)
         if len(encoded) > self.max_message_bytes:
             raise MessageTooLargeError(
