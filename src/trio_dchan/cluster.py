@@ -15,12 +15,13 @@ it is given, spelled exactly as in the other nodes' ``peers`` lists.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from os import PathLike
@@ -35,6 +36,7 @@ from .dataplane import (
     NamespaceStatistics,
 )
 from .errors import DchanError
+from .raft.errors import InvalidConfChange, NotLeader, UnknownNode
 from .raft.node import RaftNode, RaftSettings, open_raft_node
 from .raft.storage import FileStorage, MemoryStorage
 from .raft.types import ConfState, NodeId
@@ -257,14 +259,27 @@ async def open_cluster(
                 rng=random.Random(rng.getrandbits(64)),
             ) as node:
                 listed = frozenset(peer_list)
-                transport.set_is_member(
-                    lambda peer: (
-                        peer in listed or peer in node.members.members or peer in registry.members
+
+                def is_member(peer: NodeId) -> bool:
+                    members = node.members.members
+                    # A joiner knows no members until the leader's first append
+                    # reaches it: until then it accepts its cluster's nodes.
+                    return (
+                        not members
+                        or peer in members
+                        or peer in listed
+                        or peer in registry.members
                     )
-                )
+
+                transport.set_is_member(is_member)
                 with trio.move_on_after(settings.start_timeout) as scope:
                     if not founder and not restarted:
-                        await _join(transport, node_id, peer_list, rng)
+                        await _ask_leader(
+                            functools.partial(_join, transport, node_id),
+                            "joining the cluster",
+                            peer_list,
+                            rng,
+                        )
                     await node.wait_leader_known()
                     # Receivers this node registered in an earlier life are gone.
                     await node.propose(encode_command(UnregisterNode(node_id)))
@@ -282,12 +297,30 @@ async def open_cluster(
                     settings=settings.dataplane,
                     rng=random.Random(rng.getrandbits(64)),
                 )
+                left = False
                 async with plane:
                     cluster = Cluster(node_id, node, plane, transport)
                     transport.attach(data_handler=plane, status=cluster._status)
                     yield cluster
                 if cluster._leave:
-                    await _leave(transport, node, node_id, peer_list, settings.leave_timeout)
+                    # The answer comes from the node that ran the removal: this
+                    # node, once removed, may never hear of the commit.
+                    others = [p for p in peer_list if p != node_id]
+                    hint = node.leader if node.leader != node_id else None
+                    with trio.move_on_after(settings.leave_timeout):
+                        await _ask_leader(
+                            functools.partial(_leave, transport, node_id),
+                            "leaving the cluster",
+                            others or peer_list,
+                            rng,
+                            hint,
+                        )
+                        left = True
+                    if not left:
+                        raise ClusterUnavailable(
+                            f"node {node_id} could not leave the cluster within "
+                            f"{settings.leave_timeout} s: no leader answered"
+                        )
     except BaseExceptionGroup as group:
         # The node's nurseries wrap whatever ends the block; a lone error
         # (ours or the body's) is raised as itself so callers can catch it.
@@ -304,48 +337,54 @@ def _has_state(storage: FileStorage | MemoryStorage) -> bool:
     return bool(state.entries) or state.snapshot is not None or state.hard_state.term > 0
 
 
-async def _join(
-    transport: GrpcTransport, node_id: NodeId, peers: list[str], rng: random.Random
+async def _join(transport: GrpcTransport, node_id: NodeId, to: NodeId) -> None:
+    try:
+        await transport.join(to, node_id)
+    except InvalidConfChange:
+        # Already a voter: an earlier run of this node joined, and kept no state.
+        pass
+
+
+async def _leave(transport: GrpcTransport, node_id: NodeId, to: NodeId) -> None:
+    try:
+        await transport.leave(to, node_id)
+    except UnknownNode:
+        pass  # already removed
+
+
+async def _ask_leader(
+    call: Callable[[NodeId], Awaitable[object]],
+    what: str,
+    peers: list[str],
+    rng: random.Random,
+    hint: NodeId | None = None,
 ) -> None:
-    """Ask the listed peers, in turn, to add this node as a voter, until one does."""
+    """Run ``call(node)`` against the leader until it succeeds.
+
+    Tries the hinted leader first, then the listed peers in random order,
+    following every ``NotLeader`` answer to the leader it names. Retries
+    with capped backoff; the caller bounds the time.
+    """
     delay = 0.05
     while True:
-        for peer in rng.sample(peers, len(peers)):
+        queue = ([hint] if hint else []) + rng.sample(peers, len(peers))
+        tried: set[NodeId] = set()
+        while queue:
+            target = queue.pop(0)
+            if target in tried:
+                continue
+            tried.add(target)
             try:
-                await transport.join(peer, node_id)
+                await call(target)
+            except NotLeader as exc:
+                if exc.leader is not None and exc.leader not in tried:
+                    queue.insert(0, exc.leader)
             except (DchanError, OSError) as exc:
-                log.info("joining through %s failed: %r", peer, exc)
+                log.info("%s through %s failed: %r", what, target, exc)
             else:
                 return
         await trio.sleep(delay * (0.5 + rng.random()))
         delay = min(delay * 2, 1.0)
-
-
-async def _leave(
-    transport: GrpcTransport, node: RaftNode, node_id: NodeId, peers: list[str], limit: float
-) -> None:
-    """Have the cluster remove this node, through the leader or any peer that forwards.
-
-    The answer comes from the node that ran the removal: this node itself,
-    once removed, may never hear of the commit.
-    """
-    with trio.move_on_after(limit):
-        delay = 0.05
-        while True:
-            targets = [node.leader] if node.leader not in (None, node_id) else []
-            targets += [p for p in peers if p != node_id and p not in targets]
-            for target in targets:
-                try:
-                    await transport.leave(target, node_id)
-                except (DchanError, OSError) as exc:
-                    log.info("leaving the cluster through %s failed: %r", target, exc)
-                else:
-                    return
-            await trio.sleep(delay)
-            delay = min(delay * 2, 1.0)
-    raise ClusterUnavailable(
-        f"node {node_id} could not leave the cluster within {limit} s: no leader answered"
-    )
 
 
 def _single_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:

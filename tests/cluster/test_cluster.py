@@ -273,7 +273,10 @@ async def test_a_node_outside_the_peer_list_joins_and_can_leave() -> None:
         sock = bound_socket()
         newcomer = f"127.0.0.1:{sock.getsockname()[1]}"
         lc._members[newcomer] = type(lc._members[lc.addresses[0]])(newcomer, sock)
-        lc.start(newcomer)
+        # It knows only a follower: the join must find its way to the leader.
+        leader = await lc.leader()
+        follower = next(a for a in lc.addresses if a != leader.node_id)
+        lc.start(newcomer, peers=[follower])
         await lc.wait_up(newcomer)
         node = lc[newcomer]
         assert newcomer in node.members.voters
