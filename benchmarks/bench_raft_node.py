@@ -6,8 +6,9 @@ Three nodes run in one process and one Trio loop, each with a real
 * throughput: committed proposals per second with 64 concurrent proposers
   (target >= 20,000/s, thanks to batching + group commit);
 * latency: p50/p99 commit latency with one proposer (target p50 <= 2 ms);
-* both again with ``storage.save`` in a worker thread, and with in-memory
-  storage (``data_dir=None``) for comparison;
+* both with ``storage.save`` inline and in a worker thread, with in-memory
+  storage (``data_dir=None``), and with files on tmpfs (same code, near-free
+  fsync: the driver's own cost without this disk's latency);
 * fail-over: wall time from crashing the leader to the first new commit, at
   the default settings.
 
@@ -25,6 +26,7 @@ import functools
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -211,6 +213,13 @@ async def measure_failover(settings: RaftSettings, data_dir: Path, rounds: int =
     return statistics.mean(times)
 
 
+def tmpfs_dir() -> Path | None:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return Path(tempfile.mkdtemp(prefix="bench-raft-node-", dir=shm))
+    return None
+
+
 async def main() -> None:
     results: dict[str, float] = {}
     defaults = RaftSettings()
@@ -224,6 +233,15 @@ async def main() -> None:
             "file_thread": (dataclasses.replace(defaults, persist_in_thread=True), root / "b"),
             "memory": (dataclasses.replace(defaults, persist_in_thread=False), None),
         }
+        tmpfs = tmpfs_dir()
+        if tmpfs is not None:
+            # The same FileStorage code and syscalls with a near-free fsync: separates
+            # the driver's own cost from this disk's fsync latency.
+            variants["tmpfs_inline"] = (
+                dataclasses.replace(defaults, persist_in_thread=False),
+                tmpfs / "inline",
+            )
+            variants["tmpfs_thread"] = (defaults, tmpfs / "thread")
         for name, (settings, data_dir) in variants.items():
             figures = await measure(settings, data_dir)
             for key, value in figures.items():
@@ -235,6 +253,8 @@ async def main() -> None:
                 flush=True,
             )
         results["failover_s"] = await measure_failover(defaults, root / "f")
+        if tmpfs is not None:
+            shutil.rmtree(tmpfs, ignore_errors=True)
     chosen = "file_inline" if defaults.persist_in_thread is False else "file_thread"
     results["chosen_throughput_per_s"] = results[f"{chosen}_throughput_per_s"]
     results["chosen_p50_ms"] = results[f"{chosen}_p50_ms"]
