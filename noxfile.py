@@ -57,7 +57,7 @@ def bench(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def docs(session: nox.Session) -> None:
     """Build the documentation site; warnings (e.g. broken links) fail the build."""
-    session.install("mkdocs>=1.6")
+    session.install("-e", ".", "mkdocs>=1.6", "mkdocstrings[python]>=0.26")
     session.run("mkdocs", "build", "--strict", "--site-dir", "site")
 
 
