@@ -23,7 +23,7 @@ from trio_dchan.raft.node import (
     open_raft_node,
 )
 from trio_dchan.raft.storage import FileStorage, MemoryStorage
-from trio_dchan.raft.transport import MemoryNetwork, Unavailable
+from trio_dchan.raft.transport import MemoryNetwork, Proposal, Unavailable
 from trio_dchan.raft.types import ConfState, Role
 
 IDS = ["a", "b", "c"]
@@ -440,4 +440,33 @@ async def test_lossy_network_still_agrees(autojump_clock: trio.testing.MockClock
         assert len(done) >= 20
         assert cluster.network.dropped > 0
         cluster.check()
+        nursery.cancel_scope.cancel()
+
+
+class ResetAfterForwardNetwork(MemoryNetwork):
+    """Runs every forwarded proposal, then loses the reply (a connection reset)."""
+
+    async def _forward(self, source: str, to: str, proposal: Proposal) -> object:
+        await super()._forward(source, to, proposal)
+        raise Unavailable(to, "connection reset", maybe_delivered=True)
+
+
+async def test_lost_reply_from_the_leader_is_outcome_unknown(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(nursery, IDS, seed=14)
+        cluster.network = ResetAfterForwardNetwork()
+        cluster.network.observers.append(cluster._observe)
+        await cluster.start_all()
+        with trio.fail_after(20):
+            leader = await cluster.wait_leader()
+            follower = next(n for n in cluster.nodes.values() if n is not leader)
+            with pytest.raises(OutcomeUnknown):
+                await follower.propose(b"did-it-commit")
+            await leader.propose(b"next")
+            await cluster.wait_applied(leader.applied_index)
+        # Unknown to the caller, but it did commit: exactly once, everywhere.
+        for node_id in IDS:
+            assert rec(cluster, node_id).applied == [b"did-it-commit", b"next"]
         nursery.cancel_scope.cancel()
