@@ -16,7 +16,9 @@ process with another library, since trio-asyncio changes the loop policy):
 * baselines: a Trio memory channel (buffer 256) between two tasks of one
   process; raw Trio TCP with batched, length-prefixed cbor2 frames (two
   processes, plus a one-message ping-pong for latency); pyzmq PUSH/PULL (two
-  processes). Every baseline carries the same values, encoded with cbor2
+  processes); and the gRPC data link alone (two processes running only the
+  transport, one frame bounced back and forth): the round trip the data
+  plane itself cannot go below. Every baseline carries the same values, encoded with cbor2
   where it crosses a process boundary (the memory channel passes objects).
 
 Throughput = messages / (time the receiver got the last one - time the sender
@@ -459,6 +461,61 @@ def child_dchan_agg(fd: int, address: str, peers: list[str], count: int) -> None
     trio.run(main)
 
 
+# ------------------------------------------- the transport's link, alone --
+
+
+def child_link_echo(fd: int, address: str, peer: str) -> None:
+    """Serve data-plane streams that send every frame straight back."""
+    import trio
+
+    from trio_dchan.transport import open_transport
+
+    class Echo:
+        async def serve_stream(self, peer: str, link: Any) -> None:
+            while True:
+                try:
+                    frame = await link.receive_frame()
+                except trio.EndOfChannel:
+                    return
+                await link.send_frame(frame)
+
+    async def main() -> None:
+        sock = socket.socket(fileno=fd)
+        async with open_transport(
+            address, address, cluster_id="link", peers={peer: peer}, data_handler=Echo(), sock=sock
+        ):
+            emit(kind="ready")
+            await _wait_quit()
+
+    trio.run(main)
+
+
+def child_link_ping(fd: int, address: str, peer: str, pings: int) -> None:
+    """Frame ping-pong over one data link: the transport's own round trip."""
+    import trio
+
+    from trio_dchan import codec
+    from trio_dchan.transport import open_transport
+
+    async def main() -> None:
+        sock = socket.socket(fileno=fd)
+        async with open_transport(
+            address, address, cluster_id="link", peers={peer: peer}, sock=sock
+        ) as transport:
+            link = await transport.open_link(peer)
+            frame = codec.join_encoded([codec.encode(small(0))])
+            samples = []
+            for _ in range(pings):
+                t0 = time.perf_counter()
+                await link.send_frame(frame)
+                await link.receive_frame()
+                samples.append(time.perf_counter() - t0)
+            await link.aclose()
+            emit(kind="latency", p50=statistics.median(samples))
+
+    trio.run(main)
+
+
 # ------------------------------------------------------------------- driver --
 
 
@@ -560,6 +617,30 @@ def run_zmq(counts: dict[str, int]) -> dict[str, float]:
     push.wait()
     pull.wait()
     return out
+
+
+def run_link_pingpong(pings: int) -> float:
+    socks = [bound(), bound()]
+    addrs = [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]
+    echo = Child("link-echo", str(socks[1].fileno()), addrs[1], addrs[0], fds=(socks[1].fileno(),))
+    try:
+        echo.next("ready")
+        ping = Child(
+            "link-ping",
+            str(socks[0].fileno()),
+            addrs[0],
+            addrs[1],
+            str(pings),
+            fds=(socks[0].fileno(),),
+        )
+        for s in socks:
+            s.close()
+        p50 = float(ping.next("latency")["p50"])
+        ping.wait()
+    finally:
+        echo.quit()
+    echo.wait()
+    return p50
 
 
 def run_dchan_pair(counts: dict[str, int], pings: int, offer: int) -> dict[str, Any]:
@@ -675,6 +756,10 @@ def _child_main(role: str, args: list[str]) -> None:
             int(args[4]),
             int(args[5]),
         )
+    elif role == "link-echo":
+        child_link_echo(int(args[0]), args[1], args[2])
+    elif role == "link-ping":
+        child_link_ping(int(args[0]), args[1], args[2], int(args[3]))
     elif role == "dchan-agg":
         child_dchan_agg(int(args[0]), args[1], json.loads(args[2]), int(args[3]))
     else:
@@ -694,9 +779,9 @@ def main() -> None:
         return
     scale = 0.2 if opts.quick else 1.0
     counts = {
-        "small": int(200_000 * scale),
-        "big": int(20_000 * scale),
-        "tracked": int(100_000 * scale),
+        "small": int(300_000 * scale),
+        "big": int(30_000 * scale),
+        "tracked": int(150_000 * scale),
     }
     pings = int(2_000 * scale)
     offer = 1_000_000
@@ -715,6 +800,12 @@ def main() -> None:
     print(
         f"raw trio TCP, batched cbor2:    {tcp['small']:>10,.0f} msgs/s small, "
         f"{tcp['big']:,.0f} msgs/s 4 KiB, ping-pong p50 {tcp['ping_p50_s'] * 1e6:.0f} us",
+        flush=True,
+    )
+    link_p50 = run_link_pingpong(pings)
+    print(
+        f"gRPC data link alone, frame ping-pong p50: {link_p50 * 1e6:.0f} us "
+        "(the transport's round trip under every tracked send)",
         flush=True,
     )
     zmq = run_zmq(counts)
@@ -737,7 +828,7 @@ def main() -> None:
         f"accepted in 3 s, sender RSS +{dc['rss_growth_bytes'] / 2**20:.1f} MiB",
         flush=True,
     )
-    three = run_dchan_three(int(30_000 * scale))
+    three = run_dchan_three(int(50_000 * scale))
     print(
         f"trio_dchan, 3 nodes x (1 sender + 1 receiver): {three:,.0f} msgs/s aggregate", flush=True
     )
@@ -747,6 +838,7 @@ def main() -> None:
         "tcp_small_msgs_per_s": round(tcp["small"]),
         "tcp_4k_msgs_per_s": round(tcp["big"]),
         "tcp_pingpong_p50_us": round(tcp["ping_p50_s"] * 1e6, 1),
+        "link_pingpong_p50_us": round(link_p50 * 1e6, 1),
         "zmq_small_msgs_per_s": round(zmq["small"]),
         "zmq_4k_msgs_per_s": round(zmq["big"]),
         "dchan_small_msgs_per_s": round(dc["small"]),
@@ -769,6 +861,7 @@ def main() -> None:
         "4k_vs_zmq": dc["big"] / zmq["big"],
         "tracked_vs_untracked": dc["tracked"] / dc["small"],
         "latency_vs_tcp_pingpong": dc["latency_p50_s"] / tcp["ping_p50_s"],
+        "latency_vs_link_pingpong": dc["latency_p50_s"] / link_p50,
     }
     targets = {
         "small_vs_memchan": ratios["small_vs_memchan"] >= 1.0,
