@@ -169,22 +169,33 @@ class StorageMachine(RuleBasedStateMachine):
     @rule(data=st.data(), with_snapshot=st.booleans())
     def crash_inside_save(self, data: st.DataObject, with_snapshot: bool) -> None:
         hard_state, entries, snapshot = self._draw_save(data, with_snapshot)
-        before = {p.name: p.read_bytes() for p in self.dir.glob("log-*.seg")}
+        # Files are told apart by inode: a cut may delete a segment and a new
+        # one may take its name in the same save.
+        before = {p.stat().st_ino: p.read_bytes() for p in self.dir.glob("log-*.seg")}
         old = self.model.load()
         crash_at = data.draw(st.integers(1, 8), label="crash at sync number")
-        synced: list[tuple[str, str, int]] = []  # (kind, path, size) of each completed sync
+        # (kind, inode, size, path) of each completed sync of a file
+        synced: list[tuple[str, int, int, str]] = []
+        calls: list[str] = []
 
         def staged(kind: str, real: Callable[[Any], None]) -> Callable[[Any], None]:
             def sync(target: Any) -> None:
-                if len(synced) + 1 >= crash_at:
+                calls.append(kind)
+                if len(calls) >= crash_at:
                     raise Crash
                 real(target)
                 if isinstance(target, int):
-                    synced.append(
-                        (kind, os.readlink(f"/proc/self/fd/{target}"), os.fstat(target).st_size)
-                    )
+                    info = os.fstat(target)
+                    path = os.readlink(f"/proc/self/fd/{target}")
+                    synced.append((kind, info.st_ino, info.st_size, path))
                 else:
-                    synced.append((kind, str(target), 0))
+                    # Deletions are made durable here: forget files now gone,
+                    # whose inode numbers a new file could reuse.
+                    synced[:] = [
+                        rec
+                        for rec in synced
+                        if os.path.exists(rec[3]) and os.stat(rec[3]).st_ino == rec[1]
+                    ]
 
             return sync
 
@@ -204,15 +215,14 @@ class StorageMachine(RuleBasedStateMachine):
         if segments:
             newest = segments[-1]
             written = newest.read_bytes()
-            previous = before.get(newest.name, b"")
+            inode = newest.stat().st_ino
+            previous = before.get(inode, b"")
             lower = 0
             while lower < min(len(previous), len(written)) and previous[lower] == written[lower]:
                 lower += 1
-            data_syncs = [
-                size for kind, path, size in synced if kind == "data" and path == str(newest)
-            ]
+            data_syncs = [size for kind, ino, size, _ in synced if (kind, ino) == ("data", inode)]
             lower = max([lower, *data_syncs])
-            if newest.name not in before and not data_syncs and data.draw(st.booleans()):
+            if inode not in before and not data_syncs and data.draw(st.booleans()):
                 newest.unlink()
             else:
                 os.truncate(newest, data.draw(st.integers(lower, len(written)), label="cut"))
