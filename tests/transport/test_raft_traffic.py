@@ -6,9 +6,11 @@ import pytest
 import trio
 from transport_helpers import RecordingHandler, transports
 
+from trio_dchan._proto.dchan import v1 as pb
 from trio_dchan.raft.errors import NotLeader
 from trio_dchan.raft.transport import Proposal, ProposalKind
 from trio_dchan.raft.types import Entry, EntryType, Message, MessageType
+from trio_dchan.transport import _grpc
 
 
 def _append(sender: str, to: str, n: int) -> Message:
@@ -63,3 +65,35 @@ async def test_accepted_connections_have_tcp_nodelay() -> None:
         for sock in socks:
             assert sock.proto == 0  # the case grpclib and asyncio leave alone
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+async def test_connection_closed_by_keepalive_is_replaced_not_reused() -> None:
+    """grpclib's keepalive closes a connection under the channel's feet; calls must reconnect."""
+    handlers = [RecordingHandler(lambda p: p.data) for _ in range(2)]
+    async with transports(2, handlers=handlers) as (ids, ts):
+        with trio.fail_after(10):
+            assert await ts[1].forward(ids[0], Proposal(ProposalKind.COMMAND, b"a")) == b"a"
+            channel = ts[1]._peers[ids[0]].channel
+            assert channel is not None
+
+            # What an unanswered keepalive ping does: Connection.close() alone,
+            # and a request in the same asyncio step, before connection_lost.
+            async def close_then_call() -> object:
+                channel._protocol.processor.connection.close()
+                return await _grpc.unary(
+                    channel,
+                    "/dchan.v1.Cluster/Propose",
+                    pb.ProposeRequest(data=b"b"),
+                    pb.ProposeReply,
+                    deadline_s=5,
+                    metadata={"cluster-id": "test", "node-id": ids[1]},
+                    limit=1 << 20,
+                    progress=[False],
+                )
+
+            reply = await ts[1]._aio(close_then_call)()
+            assert reply.error is None
+            # Raft streams reconnect the same way.
+            channel._protocol.processor.connection.close()
+            hb = Message(MessageType.HEARTBEAT, ids[0], ids[1], 1, commit=3)
+            await handlers[0].resend_until_delivered(ts[1], hb)

@@ -119,3 +119,20 @@ def test_errors_keep_their_type_and_attributes() -> None:
     assert isinstance(back, RemoteCallError)
     back = error_from_pb("p", pb.RemoteError(kind="NotLeader", attributes=b"\xff"))
     assert isinstance(back, RemoteCallError)
+
+
+async def test_grpclib_lost_connection_race_is_reported_as_a_connection_error() -> None:
+    from trio_dchan.transport._grpc import lost_connection_as_oserror
+
+    @lost_connection_as_oserror
+    async def lost() -> None:
+        raise AttributeError("'Connection' object has no attribute '_transport'")
+
+    @lost_connection_as_oserror
+    async def bug() -> None:
+        raise AttributeError("'NoneType' object has no attribute 'x'")
+
+    with pytest.raises(ConnectionResetError):
+        await lost()
+    with pytest.raises(AttributeError):
+        await bug()

@@ -16,6 +16,8 @@ grpclib behaviours handled here:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import betterproto2
@@ -26,8 +28,32 @@ from ._strict import check_wire
 from .errors import MessageTooLarge, PeerProtocolError
 
 M = TypeVar("M", bound=betterproto2.Message)
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
+def lost_connection_as_oserror(fn: F) -> F:
+    """Report grpclib's race with a connection being lost as ``ConnectionResetError``.
+
+    When the connection closes while grpclib awaits inside a call (e.g.
+    between writing the request headers and reading the peer's address),
+    grpclib touches the connection's deleted transport and raises
+    ``AttributeError: 'Connection' object has no attribute '_transport'``.
+    That is a lost connection, and is reported as one.
+    """
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except AttributeError as exc:
+            if "_transport" not in str(exc):
+                raise
+            raise ConnectionResetError(f"connection lost during a grpclib call: {exc}") from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+@lost_connection_as_oserror
 async def recv_limited(stream: Any, recv_type: type[M], limit: int) -> M | None:
     """Receive one message from a grpclib client or server stream.
 
@@ -70,12 +96,30 @@ async def make_channel(host: str, port: int, *, ssl: Any, config: Any) -> Channe
     return Channel(host, port, ssl=ssl, config=config)
 
 
+def drop_dead_connection(channel: Channel) -> None:
+    """Make ``channel`` reconnect if its connection was closed behind its back.
+
+    grpclib's keepalive closes a connection whose ping went unanswered with
+    ``Connection.close()``, which deletes the connection's transport but
+    leaves the channel believing it is connected until asyncio delivers
+    ``connection_lost``; a request made in between fails with
+    ``AttributeError: 'Connection' object has no attribute '_transport'``.
+    Called right before a request, in the same asyncio step.
+    """
+    protocol = channel._protocol
+    if protocol is not None and protocol.processor.connection.is_closing():
+        channel.close()
+
+
+@lost_connection_as_oserror
 async def open_stream(stream: ClientStream[Any, Any]) -> None:
     """Enter a client stream and send its request headers (connects if needed)."""
+    drop_dead_connection(stream._channel)
     await stream.__aenter__()
     await stream.send_request()
 
 
+@lost_connection_as_oserror
 async def watch(stream: ClientStream[Any, Any]) -> None:
     """Return when the server answers a client stream early; raise if it failed it.
 
@@ -86,10 +130,12 @@ async def watch(stream: ClientStream[Any, Any]) -> None:
     await stream.recv_initial_metadata()
 
 
+@lost_connection_as_oserror
 async def send(stream: Any, message: betterproto2.Message) -> None:
     await stream.send_message(message)
 
 
+@lost_connection_as_oserror
 async def finish_client_stream(
     stream: ClientStream[Any, Any], reply_type: type[M], limit: int
 ) -> M | None:
@@ -101,12 +147,14 @@ async def finish_client_stream(
     return reply
 
 
+@lost_connection_as_oserror
 async def finish_bidi_stream(stream: ClientStream[Any, Any]) -> None:
     """Read the trailers of a stream whose messages were all read (raising on error)."""
     await stream.recv_trailing_metadata()
     await stream.__aexit__(None, None, None)
 
 
+@lost_connection_as_oserror
 async def end(stream: ClientStream[Any, Any]) -> None:
     await stream.end()
 
@@ -136,6 +184,7 @@ async def cancel_server_stream(stream: Any) -> None:
         pass
 
 
+@lost_connection_as_oserror
 async def unary(
     channel: Any,
     path: str,
@@ -150,6 +199,7 @@ async def unary(
     """One unary call. ``progress[0]`` becomes true once the request may have left."""
     from grpclib.const import Cardinality
 
+    drop_dead_connection(channel)
     async with channel.request(
         path,
         Cardinality.UNARY_UNARY,

@@ -97,7 +97,7 @@ class TransportSettings:
     backoff_factor: float = 2.0
     #: HTTP/2 keepalive ping interval (detects silently dead connections).
     keepalive_interval: float = 10.0
-    keepalive_timeout: float = 5.0
+    keepalive_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024:
@@ -877,10 +877,19 @@ class GrpcTransport:
         }
 
     async def _shutdown_clients(self) -> None:
+        """Close open data links (all together, within ``close_timeout``), then channels.
+
+        Closing a channel closes its connection, which ends whatever stream
+        was still open on it.
+        """
         self._closing = True
+        links = [link for peer in self._peers.values() for link in peer.links]
+        if links:
+            with trio.move_on_after(self.settings.close_timeout):
+                async with trio.open_nursery() as nursery:
+                    for link in links:
+                        nursery.start_soon(link.aclose)
         for peer in list(self._peers.values()):
-            for link in list(peer.links):
-                await link.aclose()
             peer.closed = True
             peer.raft_send.close()
             peer.snap_send.close()

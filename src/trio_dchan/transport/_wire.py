@@ -135,7 +135,10 @@ def message_to_pb(m: Message) -> pb.RaftMessage:
         )
     elif t is MessageType.SNAPSHOT_RESP:
         out.snapshot_response = pb.SnapshotResponse(
-            offset=m.snapshot_offset, reject=m.reject, index=m.index
+            offset=m.snapshot_offset,
+            reject=m.reject,
+            index=m.index,
+            meta=None if m.snapshot is None else _meta_to_pb(m.snapshot),
         )
     elif t is MessageType.TIMEOUT_NOW:
         out.timeout_now = pb.TimeoutNow(context=m.context)
@@ -230,6 +233,7 @@ def message_from_pb(p: pb.RaftMessage) -> Message:
             snapshot_offset=sr.offset,
             reject=sr.reject,
             index=sr.index,
+            snapshot=None if sr.meta is None else _meta_from_pb(sr.meta),
             to=to,
             sender=sender,
             term=term,

@@ -410,6 +410,11 @@ class SnapshotResponse(betterproto2.Message):
 
     index: "int" = betterproto2.field(3, betterproto2.TYPE_UINT64)
 
+    meta: "SnapshotMeta | None" = betterproto2.field(4, betterproto2.TYPE_MESSAGE, optional=True)
+    """
+    Which snapshot the answer is about (absent if the core did not say).
+    """
+
 
 default_message_pool.register_message("dchan.v1", "SnapshotResponse", SnapshotResponse)
 
