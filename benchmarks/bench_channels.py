@@ -825,7 +825,7 @@ def main() -> None:
     )
     print(
         f"  never-reading receiver: {dc['rss_accepted']:,} of {dc['rss_offered']:,} "
-        f"accepted in 3 s, sender RSS +{dc['rss_growth_bytes'] / 2**20:.1f} MiB",
+        f"accepted in 3 s, sender RSS growth {dc['rss_growth_bytes'] / 2**20:+.1f} MiB",
         flush=True,
     )
     three = run_dchan_three(int(50_000 * scale))

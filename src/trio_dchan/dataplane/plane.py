@@ -222,7 +222,10 @@ class _NsSender:
         self.queued += 1
         owner.outstanding += 1
         self.plane._pending += 1
-        slot.peer.enqueue((slot, encoded, owner, receipt))
+        peer = slot.peer
+        peer.enqueue((slot, encoded, owner, receipt))
+        if receipt is not None:
+            receipt._on_wait = peer.flush_for
         return True
 
     def hold(
@@ -258,6 +261,8 @@ class _NsSender:
             encoded, owner, receipt, _ = waiting.popleft()
             owner.unplaced -= 1
             slot.peer.enqueue((slot, encoded, owner, receipt))
+            if receipt is not None:
+                receipt._on_wait = slot.peer.flush_for
         return True
 
     def blocked(self) -> None:
@@ -318,6 +323,8 @@ class _PeerOut:
         self._sleeping = False
         self._full = trio.Event()
         self._lingering = False
+        #: A sender waits for the batch being gathered: gather no longer.
+        self._flushed = False
         self._target = plane.settings.batch_target
         self._needed = trio.Event()
 
@@ -339,10 +346,21 @@ class _PeerOut:
             self.flush()
 
     def flush(self) -> None:
-        """End a batch's linger now (it is full, or its senders are blocked)."""
+        """Send the batch being gathered now (it is full, or its senders wait)."""
+        self._flushed = True
         if self._lingering:
             self._lingering = False
             self._full.set()
+
+    def flush_for(self, receipt: Receipt) -> None:
+        """A task waits for ``receipt``: if its message is the newest queued, send it now.
+
+        Then nothing else is being added behind it (a sender that keeps
+        sending would have queued more), so gathering a batch only delays it.
+        """
+        queue = self.queue
+        if queue and queue[-1][3] is receipt:
+            self.flush()
 
     def kick(self) -> None:
         if self._sleeping:
@@ -416,8 +434,9 @@ class _PeerOut:
                 queue = self.queue
                 before = len(queue)
                 await trio.lowlevel.cancel_shielded_checkpoint()
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                if linger > 0 and before < len(queue) < target:
+                if not self._flushed:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                if linger > 0 and before < len(queue) < target and not self._flushed:
                     self._full = trio.Event()
                     self._lingering = True
                     with trio.move_on_after(linger):
@@ -425,6 +444,7 @@ class _PeerOut:
                     self._lingering = False
                 seq = self.next_seq
                 frame = self._build()
+                self._flushed = False
                 if self.next_seq != seq:
                     unacked.append(self.next_seq - 1)
                 if frame:

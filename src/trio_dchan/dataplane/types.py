@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -118,13 +119,15 @@ class Receipt:
     never reached a buffer decides ``False``.
     """
 
-    __slots__ = ("_deadline", "_event", "_outcome", "_receiver_id")
+    __slots__ = ("_deadline", "_event", "_on_wait", "_outcome", "_receiver_id")
 
     def __init__(self, deadline: float) -> None:
         self._deadline = deadline
         self._outcome = Outcome.PENDING
         self._receiver_id: str | None = None
         self._event: trio.Event | None = None  # made only if someone waits
+        #: Called when a task starts waiting (the data plane may send it sooner).
+        self._on_wait: Callable[[Receipt], None] | None = None
 
     @property
     def outcome(self) -> Outcome:
@@ -147,6 +150,8 @@ class Receipt:
         if self._outcome is Outcome.PENDING:
             if self._event is None:
                 self._event = trio.Event()
+            if self._on_wait is not None:
+                self._on_wait(self)
             await self._event.wait()
         else:
             await trio.lowlevel.checkpoint()
@@ -160,6 +165,7 @@ class Receipt:
         if self._outcome is Outcome.PENDING:
             self._outcome = outcome
             self._receiver_id = receiver_id
+            self._on_wait = None
             if self._event is not None:
                 self._event.set()
 
