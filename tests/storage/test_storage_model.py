@@ -221,7 +221,10 @@ class StorageMachine(RuleBasedStateMachine):
             while lower < min(len(previous), len(written)) and previous[lower] == written[lower]:
                 lower += 1
             data_syncs = [size for kind, ino, size, _ in synced if (kind, ino) == ("data", inode)]
-            lower = max([lower, *data_syncs])
+            if data_syncs:
+                # Durable up to its last sync in this save, unless it was cut
+                # short after that sync (a cut whose own sync is where we crashed).
+                lower = min(max(lower, data_syncs[-1]), len(written))
             if inode not in before and not data_syncs and data.draw(st.booleans()):
                 newest.unlink()
             else:
