@@ -27,6 +27,7 @@ FAST = Settings(
         credit_idle_return=0.05,
         undeliverable_timeout=5.0,
         handoff_timeout=3.0,
+        unregister_timeout=1.0,
         retry_backoff_min=0.01,
         retry_backoff_max=0.2,
     ),
