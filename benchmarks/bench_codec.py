@@ -3,8 +3,10 @@
 For each payload (a small dict, a 4 KiB bytes value, a registered dataclass)
 it times encode+decode of N messages one at a time and in batches, with
 trio_dchan's codec and with plain ``cbor2.dumps``/``cbor2.loads`` of the same
-values (for the dataclass: of the equivalent dict). Ratios are codec
-throughput / cbor2 throughput, so higher is better and 1.0 is parity.
+values (for the dataclass: of the equivalent dict). The "encode" rows time
+``encode()`` alone against ``cbor2.dumps``: the cost of one message in its
+sender's task. Ratios are codec throughput / cbor2 throughput, so higher is
+better and 1.0 is parity.
 
 Targets from the issue: batched plain data >= 0.8x, registered dataclass
 batched >= 0.4x plain cbor2 of the equivalent dict. The "batched" baseline is
@@ -74,6 +76,23 @@ def cbor_single(values: list[Any]) -> Callable[[], None]:
     def run() -> None:
         for v in values:
             cbor2.loads(cbor2.dumps(v))
+
+    return run
+
+
+def codec_encode(values: list[Any]) -> Callable[[], None]:
+    # encode() alone: the data plane's per-message cost in the sending task.
+    def run() -> None:
+        for v in values:
+            codec.encode(v)
+
+    return run
+
+
+def cbor_encode(values: list[Any]) -> Callable[[], None]:
+    def run() -> None:
+        for v in values:
+            cbor2.dumps(v)
 
     return run
 
@@ -158,6 +177,8 @@ def main() -> None:
                 "codec_batched": codec_batched(mine),
                 "codec_joined": codec_joined(mine),
                 "cbor2_batched": cbor_batched(plain),
+                "codec_encode": codec_encode(mine),
+                "cbor2_encode": cbor_encode(plain),
             },
             n,
         )
@@ -165,6 +186,7 @@ def main() -> None:
             ("single", rates["codec_single"], rates["cbor2_single"]),
             ("batched", rates["codec_batched"], rates["cbor2_batched"]),
             ("joined", rates["codec_joined"], rates["cbor2_batched"]),
+            ("encode", rates["codec_encode"], rates["cbor2_encode"]),
         ]
         for mode, ours, base in rows:
             ratio = ours / base
@@ -173,6 +195,10 @@ def main() -> None:
             figures[f"{name}_{mode}_ratio"] = round(ratio, 3)
         figures[f"{name}_single_cbor2_msgs_per_s"] = round(rates["cbor2_single"])
         figures[f"{name}_batched_cbor2_msgs_per_s"] = round(rates["cbor2_batched"])
+        figures[f"{name}_encode_cbor2_msgs_per_s"] = round(rates["cbor2_encode"])
+        # One encode() call against one cbor2.dumps() call, in nanoseconds.
+        figures[f"{name}_encode_codec_ns"] = round(1e9 / rates["codec_encode"])
+        figures[f"{name}_encode_cbor2_ns"] = round(1e9 / rates["cbor2_encode"])
         # Batched codec against the way a program without batching would
         # use plain cbor2 (one dumps/loads per message).
         figures[f"{name}_batched_vs_cbor2_single_ratio"] = round(

@@ -602,3 +602,93 @@ def test_subclasses_of_plain_types_arrive_as_the_base_type() -> None:
         [(1, 2), "n", {"k": [1]}, datetime(2020, 1, 2, 3, 4, 5)],
         roundtrip(value),
     )
+
+
+# ---------------------------------------------------------------------------
+# Types met for the first time: the encoder files each new type once, and
+# must give its first value, and every later one, the same treatment.
+# ---------------------------------------------------------------------------
+def test_first_and_later_values_of_a_new_subclass_encode_alike() -> None:
+    class Label(str):
+        pass
+
+    class Count(int):
+        pass
+
+    class Row(tuple[int, ...]):
+        pass
+
+    for _ in range(3):
+        assert encode([Label("a"), Count(7), Row((1, 2))]) == encode(["a", 7, (1, 2)])
+
+
+def test_other_mappings_and_sequences_keep_working_after_the_first_value() -> None:
+    import collections
+    import types
+    from collections.abc import Iterator, Mapping
+
+    class Frozen(Mapping[str, int]):
+        def __init__(self, items: dict[str, int]) -> None:
+            self._items = items
+
+        def __getitem__(self, key: str) -> int:
+            return self._items[key]
+
+        def __iter__(self) -> Iterator[str]:
+            return iter(self._items)
+
+        def __len__(self) -> int:
+            return len(self._items)
+
+    for i in range(3):
+        value = [
+            Frozen({"a": i}),
+            types.MappingProxyType({"b": i}),
+            collections.deque([i, i]),
+            range(i),
+        ]
+        assert_same([{"a": i}, {"b": i}, [i, i], list(range(i))], roundtrip(value))
+
+
+def test_unsupported_classes_stay_refused_on_every_encode() -> None:
+    class Opaque:
+        pass
+
+    for _ in range(3):
+        with pytest.raises(EncodeError, match=r"Opaque"):
+            encode({"k": Opaque()})
+        with pytest.raises(EncodeError, match=r"Fraction"):
+            encode({"k": type("MyFraction", (Fraction,), {})(1, 3)})
+
+
+def test_a_dataclass_refused_before_registration_travels_after_it() -> None:
+    @dataclasses.dataclass
+    class Late:
+        n: int
+
+    for _ in range(2):
+        with pytest.raises(EncodeError, match=r"trio_dchan\.register\(.*Late\)"):
+            encode([Late(1)])
+    register(Late, name="tests.codec.Late")
+    assert_same([Late(2)], roundtrip([Late(2)]))
+
+
+def test_threads_meeting_new_types_at_once_all_encode_them_correctly() -> None:
+    kinds = [type(f"Name{n}", (str,), {}) for n in range(20)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def worker() -> None:
+        try:
+            barrier.wait()
+            for kind in kinds:
+                assert_same(["x", 1], roundtrip([kind("x"), 1]))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
