@@ -16,6 +16,7 @@ grpclib behaviours handled here:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -215,3 +216,212 @@ async def unary(
         if reply is None:
             raise PeerProtocolError(f"empty reply to {path}")
     return reply
+
+
+# ------------------------------------------------------------------------
+# Data-frame fast path, called synchronously from Trio.
+#
+# Crossing into asyncio costs an asyncio task and a dozen passes of the
+# trio-asyncio loop per call. A data frame usually needs no waiting at all:
+# the HTTP/2 window has room for it, or its bytes already sit in grpclib's
+# per-stream buffer. The functions below do exactly what grpclib would do in
+# those cases, without awaiting, and decline (return ``None``/``False``,
+# having done nothing) whenever grpclib would have to wait or has something
+# to report; the caller then takes the ordinary asyncio path.
+
+_FRAME_TAG = b"\x0a"  # DataFrame.payload: field 1, wire type 2
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_data_frame(payload: bytes) -> bytes:
+    """A ``DataFrame(payload=payload)`` as one gRPC message (5-byte prefix included)."""
+    if payload:
+        body_len = 1 + len(_varint_bytes(len(payload))) + len(payload)
+        head = b"\x00" + body_len.to_bytes(4, "big") + _FRAME_TAG + _varint_bytes(len(payload))
+        return head + payload
+    return b"\x00\x00\x00\x00\x00"
+
+
+def decode_data_frame(body: bytes, frame_type: type[M]) -> bytes:
+    """The payload of a serialized ``DataFrame``; refuses malformed bytes like ``recv_limited``."""
+    # The common shape: exactly one payload field filling the message.
+    if len(body) > 1 and body[0] == 0x0A:
+        length = 0
+        shift = 0
+        pos = 1
+        end = min(len(body), 11)
+        while pos < end:
+            byte = body[pos]
+            pos += 1
+            length |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                if pos + length == len(body):
+                    return body[pos:]
+                break
+            shift += 7
+    # Anything else (empty, unknown fields, repeated field) goes the general way.
+    check_wire(body, frame_type)
+    try:
+        frame: Any = frame_type.parse(body)
+    except Exception as exc:
+        raise PeerProtocolError(f"malformed {frame_type.__name__}: {exc}") from None
+    payload: bytes = frame.payload
+    return payload
+
+
+def _sendable(stream: Any) -> Any | None:
+    """grpclib's h2 stream of ``stream`` if a message may be written now without waiting."""
+    if isinstance(stream, ClientStream):
+        if (
+            not stream._send_request_done
+            or stream._end_done
+            or stream._cancel_done
+            or stream._wrapper._error is not None
+        ):
+            return None
+    elif not stream._send_initial_metadata_done or stream._send_trailing_metadata_done:
+        return None
+    if "send_message" not in stream._dispatch.__dict__:  # an event listener is installed
+        return None
+    h2_stream = getattr(stream, "_stream", None)
+    if h2_stream is None or h2_stream.id is None:
+        return None
+    connection = h2_stream.connection
+    if not connection.write_ready.is_set() or connection.is_closing():
+        return None
+    return h2_stream
+
+
+def send_now(stream: Any, data: bytes) -> bool:
+    """Write one encoded gRPC message if grpclib could without waiting; else do nothing."""
+    h2_stream = _sendable(stream)
+    if h2_stream is None:
+        return False
+    h2 = h2_stream._h2_connection
+    stream_id = h2_stream.id
+    try:
+        if h2.local_flow_control_window(stream_id) < len(data):
+            return False
+    except Exception:  # the stream is closed or unknown to h2: let grpclib report it
+        return False
+    frame_size = h2.max_outbound_frame_size
+    if len(data) <= frame_size:
+        h2.send_data(stream_id, data)
+    else:
+        for start in range(0, len(data), frame_size):
+            h2.send_data(stream_id, data[start : start + frame_size])
+    h2_stream._transport.write(h2.data_to_send())
+    h2_stream.data_sent += len(data)
+    connection = h2_stream.connection
+    connection.data_sent += len(data)
+    connection.data_send_process()
+    connection.messages_sent += 1
+    return True
+
+
+def _receivable(stream: Any) -> Any | None:
+    if isinstance(stream, ClientStream) and (
+        not stream._recv_initial_metadata_done or stream._wrapper._error is not None
+    ):
+        return None
+    return getattr(stream, "_stream", None)
+
+
+def read_now(stream: Any, size: int) -> bytes | None:
+    """``size`` bytes of the stream if grpclib already holds them all; else ``None``, nothing read.
+
+    Returns ``b""`` when the peer ended its half and nothing is left.
+    """
+    h2_stream = _receivable(stream)
+    if h2_stream is None:
+        return None
+    buffer = h2_stream.buffer
+    available = buffer._acked_size
+    ended = False
+    if available < size:
+        for item in buffer._unacked._queue:
+            if not item.ack_size:
+                ended = True
+                break
+            available += item.data_size
+            if available >= size:
+                break
+    if available < size and not (ended and available == 0):
+        return None
+    # With the bytes (or the end marker) queued, grpclib's read completes
+    # without suspending; drive it here.
+    reader = buffer.read(size)
+    try:
+        reader.send(None)
+    except StopIteration as done:
+        data: bytes = done.value
+        return data
+    reader.close()  # pragma: no cover - cannot happen with the bytes queued
+    raise RuntimeError("grpclib buffer read suspended with its bytes queued")
+
+
+@lost_connection_as_oserror
+async def read_data(stream: Any, size: int) -> bytes:
+    """``size`` bytes of the stream (or ``b""`` at its end), waiting for them on asyncio."""
+    if isinstance(stream, ClientStream):
+        if not stream._recv_initial_metadata_done:
+            await stream.recv_initial_metadata()
+        with stream._wrapper:
+            data: bytes = await stream._stream.recv_data(size)
+    else:
+        data = await stream._stream.recv_data(size)
+    return data
+
+
+def parse_prefix(prefix: bytes, limit: int) -> int:
+    """The body size announced by a gRPC message prefix; refuses what ``recv_limited`` refuses."""
+    if len(prefix) != 5:
+        raise PeerProtocolError("truncated gRPC message prefix")
+    if prefix[0] != 0:
+        raise PeerProtocolError("compressed gRPC messages are not supported")
+    size = int.from_bytes(prefix[1:5], "big")
+    if size > limit:
+        raise MessageTooLarge(size, limit)
+    return size
+
+
+def data_waiter(stream: Any, loop: Any) -> asyncio.Future[None] | None:
+    """A future resolved when grpclib next queues bytes (or the end) for ``stream``.
+
+    It stands in grpclib's own queue of readers, so it costs one callback
+    instead of an asyncio task; a client stream's failure (reset, lost
+    connection, deadline) cancels it like a waiting task. ``None`` when
+    the stream must be read the ordinary way (to have grpclib report a
+    failure, or before the reply headers).
+    """
+    h2_stream = _receivable(stream)
+    if h2_stream is None:
+        return None
+    future: asyncio.Future[None] = loop.create_future()
+    h2_stream.buffer._unacked._getters.append(future)
+    if isinstance(stream, ClientStream):
+        # grpclib's wrapper only calls ``cancel()`` on what it holds.
+        tasks: set[Any] = stream._wrapper._tasks
+        tasks.add(future)
+    return future
+
+
+def drop_waiter(stream: Any, future: asyncio.Future[None]) -> None:
+    """Forget a future made by :func:`data_waiter`."""
+    if not future.done():
+        future.cancel()
+    getters = stream._stream.buffer._unacked._getters
+    try:
+        getters.remove(future)
+    except ValueError:
+        pass
+    if isinstance(stream, ClientStream):
+        stream._wrapper._tasks.discard(future)

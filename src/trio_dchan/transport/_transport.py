@@ -208,7 +208,12 @@ class _LinkBase:
             raise trio.BusyResourceError("another task is sending on this data link")
         self._send_busy = True
         try:
-            await self._aio(_grpc.send)(self._stream, pb.DataFrame(payload=frame))
+            data = _grpc.encode_data_frame(frame)
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if _grpc.send_now(self._stream, data):
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            else:
+                await self._aio(_grpc.send)(self._stream, pb.DataFrame(payload=frame))
         except trio.Cancelled:
             await self._break(ConnectionAbortedError("send cancelled mid-frame"))
             raise
@@ -226,7 +231,8 @@ class _LinkBase:
             raise trio.BusyResourceError("another task is receiving on this data link")
         self._recv_busy = True
         try:
-            frame = await self._aio(_grpc.recv_limited)(self._stream, pb.DataFrame, self._limit)
+            await trio.lowlevel.checkpoint_if_cancelled()
+            payload = await self._read_frame()
         except trio.Cancelled:
             await self._break(ConnectionAbortedError("receive cancelled mid-frame"))
             raise
@@ -235,10 +241,43 @@ class _LinkBase:
             raise trio.BrokenResourceError(f"the data link to {self._peer} broke") from exc
         finally:
             self._recv_busy = False
-        if frame is None:
+        if payload is None:
             await self._on_remote_end()
             raise trio.EndOfChannel
-        payload: bytes = frame.payload
+        return payload
+
+    async def _read_frame(self) -> bytes | None:
+        # Bytes grpclib already holds are taken without a trip through
+        # asyncio; only a wait for more crosses over.
+        waited = False
+        prefix = _grpc.read_now(self._stream, 5)
+        while prefix is None:
+            waited = True
+            future = _grpc.data_waiter(self._stream, self._loop)
+            if future is None:
+                prefix = await self._aio(_grpc.read_data)(self._stream, 5)
+                break
+            try:
+                await trio_asyncio.run_aio_future(future)
+            except asyncio.CancelledError:
+                pass  # the stream failed: the ordinary read reports how
+            finally:
+                _grpc.drop_waiter(self._stream, future)
+            prefix = _grpc.read_now(self._stream, 5)
+        if not prefix:
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return None
+        size = _grpc.parse_prefix(prefix, self._limit)
+        body = _grpc.read_now(self._stream, size) if size else b""
+        if body is None:
+            waited = True
+            body = await self._aio(_grpc.read_data)(self._stream, size)
+        if len(body) != size:
+            raise PeerProtocolError("truncated gRPC message")
+        payload = _grpc.decode_data_frame(body, pb.DataFrame)
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
         return payload
 
     async def _on_remote_end(self) -> None:
@@ -493,7 +532,10 @@ class GrpcTransport:
         """Record a failure to reach ``peer`` and schedule the next attempt."""
         peer.failures += 1
         s = self.settings
-        delay = min(s.backoff_max, s.backoff_initial * s.backoff_factor ** (peer.failures - 1))
+        try:
+            delay = min(s.backoff_max, s.backoff_initial * s.backoff_factor ** (peer.failures - 1))
+        except OverflowError:  # a peer down for a long time: thousands of failures
+            delay = s.backoff_max
         peer.retry_at = trio.current_time() + delay * self._rng.uniform(0.5, 1.0)
 
     # ------------------------------------------------------ raft traffic --
