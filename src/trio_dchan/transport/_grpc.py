@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import betterproto2
 from grpclib.client import Channel
 from grpclib.client import Stream as ClientStream
+from h2.settings import SettingCodes
 
 from ._strict import check_wire
 from .errors import MessageTooLarge, PeerProtocolError
@@ -112,12 +113,34 @@ def drop_dead_connection(channel: Channel) -> None:
         channel.close()
 
 
+#: Largest HTTP/2 DATA frame a peer may send us (HTTP/2 allows up to 2**24 - 1).
+#: The default, 16 KiB, splits a 1 MiB batch into 64 frames, each costing h2
+#: and grpclib a full round of bookkeeping at both ends.
+LARGE_FRAME_BYTES = 1 << 22
+
+
+def allow_large_frames(protocol: Any) -> None:
+    """Let the peer of this grpclib connection send DATA frames of up to :data:`LARGE_FRAME_BYTES`.
+
+    Applies once per connection; the peer uses it after reading our SETTINGS.
+    """
+    if protocol is None or getattr(protocol, "_dchan_large_frames", False):
+        return
+    connection = getattr(protocol, "connection", None)
+    if connection is None or connection.is_closing():
+        return
+    protocol._dchan_large_frames = True
+    connection._connection.update_settings({SettingCodes.MAX_FRAME_SIZE: LARGE_FRAME_BYTES})
+    connection.flush()
+
+
 @lost_connection_as_oserror
 async def open_stream(stream: ClientStream[Any, Any]) -> None:
     """Enter a client stream and send its request headers (connects if needed)."""
     drop_dead_connection(stream._channel)
     await stream.__aenter__()
     await stream.send_request()
+    allow_large_frames(stream._channel._protocol)
 
 
 @lost_connection_as_oserror

@@ -1207,6 +1207,7 @@ class _TrackingServer(Server):
                 except OSError:  # pragma: no cover - not a TCP socket after all
                     pass
             made(transport)
+            _grpc.allow_large_frames(protocol)
 
         protocol.connection_made = connection_made  # type: ignore[method-assign]
         self.protocols.add(protocol)
