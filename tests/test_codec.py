@@ -692,3 +692,95 @@ def test_threads_meeting_new_types_at_once_all_encode_them_correctly() -> None:
     for thread in threads:
         thread.join()
     assert errors == []
+
+
+# ---------------------------------------------------------------------------
+# Batches of plain data skip the type table; anything else inside them must
+# still get the table's treatment.
+# ---------------------------------------------------------------------------
+plain_only = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.integers(min_value=-(2**200), max_value=2**200),
+        st.floats(),
+        st.text(),
+        st.binary(),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=5),
+        st.dictionaries(st.text(max_size=4), inner, max_size=5),
+        st.dictionaries(st.integers() | st.booleans() | st.binary(max_size=4), inner, max_size=3),
+    ),
+    max_leaves=30,
+)
+
+
+def test_the_plain_data_check_is_available_on_this_interpreter() -> None:
+    # If this fails, gc.get_referents() no longer lists what the check
+    # relies on: batches stay correct but lose the faster path.
+    assert codec._PLAIN_PATH
+
+
+@given(st.lists(plain_only, max_size=20))
+def test_plain_batches_encode_exactly_as_message_by_message(values: list[Any]) -> None:
+    batch = encode_batch(values)
+    assert batch == join_encoded([encode(v) for v in values])
+    assert_same(values, decode_batch(batch))
+
+
+def test_a_non_plain_value_anywhere_in_a_batch_keeps_its_type() -> None:
+    class Field(enum.StrEnum):
+        ID = "id"
+
+    class Level(enum.IntEnum):
+        LOW = 1
+
+    class Name(str):
+        pass
+
+    deep: Any = (1, 2)
+    for _ in range(10):
+        deep = [{"k": deep}]
+    cases: list[tuple[Any, Any]] = [
+        (deep, deep),
+        ({Decimal("1.0"): 1}, {Decimal("1.0"): 1}),
+        ({Name("n"): 1}, {"n": 1}),
+        ({"a": [1, 2, frozenset({3})]}, {"a": [1, 2, frozenset({3})]}),
+        ([OrderedDict(a=1)], [{"a": 1}]),
+        ([datetime(2020, 1, 2, 3, 4, 5)], [datetime(2020, 1, 2, 3, 4, 5)]),
+        ({"x": bytearray(b"ab")}, {"x": b"ab"}),
+    ]
+    for value, expected in cases:
+        plain = [{"id": i, "item": "widget"} for i in range(20)]
+        batch = encode_batch([*plain, value, *plain])
+        assert_same([*plain, expected, *plain], decode_batch(batch))
+    # An unregistered enum is refused even where an equal plain key or value
+    # is in the same batch (a set of the batch's keys would hide it).
+    for value in ({Field.ID: 1}, {"id": Level.LOW}, [Level.LOW]):
+        with pytest.raises(EncodeError, match=r"trio_dchan\.register"):
+            encode_batch([{"id": 1}, [1], value, {"id": 2}])
+
+
+def test_plain_batches_nested_beyond_the_check_or_cyclic_still_fail_cleanly() -> None:
+    nested: list[Any] = [1]
+    for _ in range(codec._PLAIN_MAX_DEPTH + 5):
+        nested = [nested]
+    assert decode_batch(encode_batch([nested]), limits=Limits(max_depth=200)) == [nested]
+    deep: list[Any] = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(EncodeError, match="deeply"):
+        encode_batch([{"a": 1}, deep])
+    cyclic: list[Any] = [1]
+    cyclic.append({"again": cyclic})
+    with pytest.raises(EncodeError, match="cycle"):
+        encode_batch([cyclic])
+
+
+def test_a_failed_plain_batch_does_not_disturb_the_next_one() -> None:
+    for _ in range(3):
+        with pytest.raises(EncodeError, match="UnicodeEncodeError"):
+            encode_batch([{"a": "\ud800"}])
+        assert decode_batch(encode_batch([{"a": "ok"}])) == [{"a": "ok"}]
