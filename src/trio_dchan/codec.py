@@ -43,7 +43,10 @@ The data plane ships many messages in one frame. :func:`encode_batch` /
 single call into cbor2 (the per-message work happens in cbor2's compiled
 code). :func:`join_encoded` builds the same buffer from messages that were
 already encoded one by one with :func:`encode` (so that each ``send()``
-reports its own encoding error), without encoding them again.
+reports its own encoding error), without encoding them again. A batch made
+only of plain data (exact ``dict``, ``list``, ``str``, ``int``, ``float``,
+``bool``, ``None`` and ``bytes``) is encoded without the codec's type table,
+which is faster and writes the same bytes.
 """
 
 from __future__ import annotations
