@@ -660,7 +660,7 @@ def encode(value: Any) -> bytes:
     an unregistered class, an unsupported type or a cyclic value.
     """
     # Always through the table: for a message of a few values, checking
-    # whether it is plain data costs about what skipping the table saves.
+    # whether it is plain data costs more than skipping the table saves.
     slot = _encoder_slot
     encoder = slot.encoder
     if encoder is None:
