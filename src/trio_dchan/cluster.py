@@ -235,7 +235,8 @@ async def open_cluster(
     else:
         storage = FileStorage(data_dir, cluster_id=cluster_id, node_id=node_id)
     try:
-        restarted = _has_state(storage)
+        # Only a node outside the peer list joins, and only on its first start.
+        joining = not founder and not _has_state(storage)
         registry = Registry(initial_members=bootstrap)
         async with open_transport(
             node_id,
@@ -273,7 +274,7 @@ async def open_cluster(
 
                 transport.set_is_member(is_member)
                 with trio.move_on_after(settings.start_timeout) as scope:
-                    if not founder and not restarted:
+                    if joining:
                         await _ask_leader(
                             functools.partial(_join, transport, node_id),
                             "joining the cluster",
