@@ -293,3 +293,24 @@ async def test_a_node_outside_the_peer_list_joins_and_can_leave() -> None:
         await lc.close(newcomer)
         with trio.fail_after(STEP):
             await sender.raft.wait_for(lambda n: newcomer not in n.members.members)
+
+
+async def test_the_leader_can_leave_and_the_rest_carry_on() -> None:
+    async with local_cluster(3, seed=8) as lc:
+        leader = await lc.leader()
+        rest = [c for c in lc.nodes if c is not leader]
+        leader.leave()
+        await lc.close(leader.node_id)
+        with trio.fail_after(STEP):
+            for node in rest:
+                await node.raft.wait_for(lambda n: leader.node_id not in n.members.members)
+        await lc.leader(lambda: rest)
+        a, b = rest
+        rx = b.receive("after-leave", buffer=1)
+        await rx.wait_registered()
+        await a.raft.wait_for(lambda n: n.applied_index >= b.raft.applied_index)
+        async with a.send("after-leave") as tx:
+            await tx.send("still here")
+        with trio.fail_after(STEP):
+            assert await rx.receive() == "still here"
+        await rx.aclose()
