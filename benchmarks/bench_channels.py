@@ -720,7 +720,7 @@ def run_dchan_three(count: int) -> float:
 
 def child_main(role: str, args: list[str]) -> None:
     target = os.environ.get("BENCH_PROFILE_DIR")
-    if target and role.startswith("dchan"):
+    if target and role.startswith(("dchan", "link")):
         import cProfile
 
         profiler = cProfile.Profile()
