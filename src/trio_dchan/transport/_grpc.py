@@ -1,9 +1,12 @@
 """The asyncio side of the transport: small coroutines around grpclib streams.
 
-Everything here runs on the trio-asyncio loop and is called from Trio through
-``trio_asyncio.aio_as_trio``, once per batch or frame. It holds no state and
-no logic beyond what grpclib needs; the Trio side decides what to send and
-when.
+The coroutines here run on the trio-asyncio loop and are called from Trio
+through ``trio_asyncio.aio_as_trio``. The data-frame functions at the end
+(:func:`send_now`, :func:`read_now`, :func:`data_waiter`) are the exception:
+plain functions called from Trio that move a frame when grpclib would not
+have to wait, so the common case costs no asyncio task. Nothing here holds
+state or logic beyond what grpclib needs; the Trio side decides what to send
+and when.
 
 grpclib behaviours handled here:
 

@@ -2,7 +2,9 @@
 
 grpclib runs on asyncio; the node runs it through trio-asyncio. All decisions
 are made in Trio tasks; the asyncio side (:mod:`._grpc`) is a thin shell that
-Trio calls once per batch or frame. See ``docs/transport.md``.
+Trio calls once per batch or call. Data-plane frames skip asyncio when grpclib
+need not wait (room in the HTTP/2 window, bytes already buffered): see
+``_LinkBase``. See ``docs/transport.md``.
 """
 
 from __future__ import annotations
