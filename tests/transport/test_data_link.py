@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 from transport_helpers import RecordingHandler, address_of, bound_socket, transports
 
 from trio_dchan.raft.transport import Proposal, ProposalKind, Unavailable
@@ -57,6 +58,70 @@ async def test_frames_flow_both_ways_and_close_cleanly() -> None:
             assert echo.ended == ["end"]
             with pytest.raises(trio.ClosedResourceError):
                 await link.send_frame(b"after close")
+
+
+async def test_frames_of_every_size_keep_order_and_content() -> None:
+    # Sizes around the gRPC prefix, the default 16 KiB HTTP/2 frame, the
+    # 64 KiB initial window and past the 4 MiB window: frames that arrive
+    # whole, in pieces, or after a wait for WINDOW_UPDATE, sent back to back
+    # so that several sit in the receiver's buffer at once.
+    sizes = [0, 1, 4, 5, 127, 128, 16_379, 16_384, 65_535, 70_000, 1 << 20, 3_000_000, 2]
+    frames = [bytes([i]) * n + b"#%d" % i for i, n in enumerate(sizes * 2)]
+    async with transports(2, data_handlers=[Echo(), Echo()]) as (ids, ts):
+        with trio.fail_after(20):
+            link = await ts[1].open_link(ids[0])
+            got: list[bytes] = []
+
+            async def read_all() -> None:
+                for _ in frames:
+                    got.append(await link.receive_frame())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_all)
+                for frame in frames:
+                    await link.send_frame(frame)
+            assert got == [f[::-1] for f in frames]
+            await link.aclose()
+
+
+class Abandon:
+    """Echoes one frame, then (once told to) abandons the stream with a cancelled receive."""
+
+    def __init__(self) -> None:
+        self.go = trio.Event()
+
+    async def serve_stream(self, peer: str, link: object) -> None:
+        frame = await link.receive_frame()  # type: ignore[attr-defined]
+        await link.send_frame(frame)  # type: ignore[attr-defined]
+        await self.go.wait()
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await link.receive_frame()  # type: ignore[attr-defined]
+
+
+async def test_client_waiting_for_a_frame_sees_the_server_reset_the_stream() -> None:
+    abandon = Abandon()
+    async with transports(2, data_handlers=[abandon, Abandon()]) as (ids, ts):
+        with trio.fail_after(10):
+            link = await ts[1].open_link(ids[0])
+            await link.send_frame(b"x")
+            assert await link.receive_frame() == b"x"
+            outcome: list[BaseException] = []
+
+            async def wait_for_frame() -> None:
+                try:
+                    await link.receive_frame()
+                except trio.BrokenResourceError as exc:
+                    outcome.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_for_frame)
+                # Both nodes run in this process: once everything is idle the
+                # client is parked waiting for bytes.
+                await trio.testing.wait_all_tasks_blocked()
+                abandon.go.set()
+            assert len(outcome) == 1
+            await link.aclose()
 
 
 async def test_server_ending_the_stream_gives_end_of_channel() -> None:
