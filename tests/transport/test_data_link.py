@@ -263,3 +263,23 @@ def bound_socket_on(port: int) -> object:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
     return sock
+
+
+async def test_connections_are_tuned_for_large_data_frames() -> None:
+    from trio_dchan.transport import _grpc
+
+    async with transports(2, data_handlers=[Echo(), Echo()]) as (ids, ts):
+        with trio.fail_after(10):
+            link = await ts[1].open_link(ids[0])
+            big = bytes(range(256)) * 4096  # 1 MiB
+            await link.send_frame(big)
+            assert await link.receive_frame() == big[::-1]
+            channel = ts[1]._peers[ids[0]].channel
+            assert channel is not None
+            assert channel._protocol is not None
+            h2 = channel._protocol.connection._connection
+            # Both ends announced large frames and each read the other's SETTINGS.
+            assert h2.max_outbound_frame_size == _grpc.LARGE_FRAME_BYTES
+            assert h2.max_inbound_frame_size == _grpc.LARGE_FRAME_BYTES
+            assert isinstance(h2.incoming_buffer, _grpc._QuietFrameBuffer)
+            await link.aclose()

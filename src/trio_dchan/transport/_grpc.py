@@ -27,7 +27,10 @@ from typing import Any, TypeVar
 import betterproto2
 from grpclib.client import Channel
 from grpclib.client import Stream as ClientStream
+from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
+from hyperframe.frame import DataFrame as H2DataFrame
+from hyperframe.frame import Frame
 
 from ._strict import check_wire
 from .errors import MessageTooLarge, PeerProtocolError
@@ -122,18 +125,46 @@ def drop_dead_connection(channel: Channel) -> None:
 LARGE_FRAME_BYTES = 1 << 22
 
 
-def allow_large_frames(protocol: Any) -> None:
-    """Let the peer of this grpclib connection send DATA frames of up to :data:`LARGE_FRAME_BYTES`.
+class _QuietDataFrame(H2DataFrame):
+    """A received DATA frame whose ``repr`` does not hex-dump its payload.
 
-    Applies once per connection; the peer uses it after reading our SETTINGS.
+    h2 formats every received frame with ``repr`` for its trace log before
+    handing it to the (by default silent) logger; for a DATA frame that
+    re-serializes and hex-encodes the whole payload, ~0.5 ms per MiB.
     """
-    if protocol is None or getattr(protocol, "_dchan_large_frames", False):
+
+    def _body_repr(self) -> str:
+        return f"<{len(self.data)} bytes>"
+
+
+class _QuietFrameBuffer(FrameBuffer):
+    """h2's frame parser, handing out DATA frames as :class:`_QuietDataFrame`."""
+
+    def __next__(self) -> Frame:
+        frame = super().__next__()
+        if type(frame) is H2DataFrame:
+            frame.__class__ = _QuietDataFrame
+        return frame
+
+
+def tune_connection(protocol: Any) -> None:
+    """Prepare a fresh grpclib connection (ours or a peer's) for data-plane traffic.
+
+    Lets the peer send DATA frames of up to :data:`LARGE_FRAME_BYTES` (it
+    does so once it read our SETTINGS) and keeps h2 from hex-dumping each
+    received DATA frame. Applies once per connection.
+    """
+    if protocol is None or getattr(protocol, "_dchan_tuned", False):
         return
     connection = getattr(protocol, "connection", None)
     if connection is None or connection.is_closing():
         return
-    protocol._dchan_large_frames = True
-    connection._connection.update_settings({SettingCodes.MAX_FRAME_SIZE: LARGE_FRAME_BYTES})
+    protocol._dchan_tuned = True
+    h2 = connection._connection
+    if type(h2.incoming_buffer) is FrameBuffer:
+        h2._frame_dispatch_table[_QuietDataFrame] = h2._frame_dispatch_table[H2DataFrame]
+        h2.incoming_buffer.__class__ = _QuietFrameBuffer
+    h2.update_settings({SettingCodes.MAX_FRAME_SIZE: LARGE_FRAME_BYTES})
     connection.flush()
 
 
@@ -143,7 +174,7 @@ async def open_stream(stream: ClientStream[Any, Any]) -> None:
     drop_dead_connection(stream._channel)
     await stream.__aenter__()
     await stream.send_request()
-    allow_large_frames(stream._channel._protocol)
+    tune_connection(stream._channel._protocol)
 
 
 @lost_connection_as_oserror

@@ -1209,7 +1209,7 @@ class _TrackingServer(Server):
                 except OSError:  # pragma: no cover - not a TCP socket after all
                     pass
             made(transport)
-            _grpc.allow_large_frames(protocol)
+            _grpc.tune_connection(protocol)
 
         protocol.connection_made = connection_made  # type: ignore[method-assign]
         self.protocols.add(protocol)
