@@ -244,8 +244,8 @@ if __name__ == "__main__":
 class NodeProcess:
     """The parent's handle on one node process (tests and benchmarks).
 
-    ``events`` receives every JSON event the node writes, except
-    ``committed`` ones, which are collected in :attr:`committed`.
+    ``events`` receives every JSON event the node writes, except the answers
+    to proposals, which are collected in :attr:`committed` and :attr:`failed`.
     """
 
     def __init__(
@@ -270,6 +270,13 @@ class NodeProcess:
         self.committed: set[str] = set()
         #: For each committed proposal: the apply result (its log index here).
         self.committed_at: dict[str, Any] = {}
+        #: Ids of proposals sent to the running process that it has not yet
+        #: answered (committed or error). Emptied when the process exits: a dead
+        #: process reports nothing more, whatever became of its proposals.
+        self.outstanding: set[str] = set()
+        #: For each proposal answered with an error: the error.
+        self.failed: dict[str, str] = {}
+        self._answered = trio.Event()
         self._events_send, self.events = trio.open_memory_channel[dict[str, Any]](1000)
         self.ready = trio.Event()
         self.starts = 0
@@ -309,25 +316,44 @@ class NodeProcess:
             if self.log_path:
                 os.close(stderr)
         self.starts += 1
-        nursery.start_soon(self._read, self.process)
+        self.outstanding = set()
+        nursery.start_soon(self._read, self.process, self.outstanding)
         await self.ready.wait()
 
-    async def _read(self, process: trio.Process) -> None:
+    async def _read(self, process: trio.Process, outstanding: set[str]) -> None:
         try:
             if process.stdout is None:  # pragma: no cover - opened with a pipe
                 return
             async for event in _lines(process.stdout):
-                if event.get("event") == "ready":
+                kind = event.get("event")
+                if kind == "ready":
                     self.ready.set()
-                elif event.get("event") == "committed":
+                elif kind == "committed":
                     self.committed.add(event["id"])
                     self.committed_at[event["id"]] = event.get("index")
+                    self._answer(outstanding, event["id"])
+                elif kind == "error" and isinstance(event.get("id"), str):
+                    self.failed[event["id"]] = str(event.get("error"))
+                    self._answer(outstanding, event["id"])
                 else:
                     await self._events_send.send(event)
         finally:
             # Whoever runs this reader owns the process: never leave it behind.
             if process.returncode is None:
                 process.kill()
+            outstanding.clear()
+            self._answered.set()
+
+    def _answer(self, outstanding: set[str], proposal_id: object) -> None:
+        if isinstance(proposal_id, str):
+            outstanding.discard(proposal_id)
+        self._answered.set()
+
+    async def wait_answered(self) -> None:
+        """Wait until the process answered every proposal sent to it (or exited)."""
+        while self.outstanding:
+            self._answered = trio.Event()
+            await self._answered.wait()
 
     @property
     def alive(self) -> bool:
@@ -338,11 +364,20 @@ class NodeProcess:
         process = self.process
         if process is None or process.stdin is None or process.returncode is not None:
             return False
+        proposal_id = request.get("id") if request.get("op") == "propose" else None
+        outstanding = self.outstanding
+        if isinstance(proposal_id, str):
+            outstanding.add(proposal_id)
         try:
             async with self._send_lock:
                 await process.stdin.send_all((json.dumps(request) + "\n").encode())
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            if isinstance(proposal_id, str):
+                outstanding.discard(proposal_id)
             return False
+        if isinstance(proposal_id, str) and process.returncode is not None:
+            # Died meanwhile: its reader may already have given up on its answers.
+            outstanding.discard(proposal_id)
         return True
 
     async def ask(self, op: str, event: str, **request: Any) -> dict[str, Any]:
