@@ -101,13 +101,10 @@ class Cluster:
     ``open_cluster`` block that made this object.
     """
 
-    def __init__(
-        self, node_id: NodeId, node: RaftNode, plane: DataPlane, transport: GrpcTransport
-    ) -> None:
+    def __init__(self, node_id: NodeId, node: RaftNode, plane: DataPlane) -> None:
         self._node_id = node_id
         self._node = node
         self._plane = plane
-        self._transport = transport
         self._leave = False
 
     @property
@@ -300,7 +297,7 @@ async def open_cluster(
                 )
                 left = False
                 async with plane:
-                    cluster = Cluster(node_id, node, plane, transport)
+                    cluster = Cluster(node_id, node, plane)
                     transport.attach(data_handler=plane, status=cluster._status)
                     yield cluster
                 if cluster._leave:

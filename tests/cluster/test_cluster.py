@@ -314,3 +314,22 @@ async def test_the_leader_can_leave_and_the_rest_carry_on() -> None:
         with trio.fail_after(STEP):
             assert await rx.receive() == "still here"
         await rx.aclose()
+
+
+async def test_restart_removes_the_receivers_of_the_earlier_run(tmp_path: Any) -> None:
+    async with local_cluster(3, seed=9, start=False) as lc:
+        dirs = {a: tmp_path / f"n{i}" for i, a in enumerate(lc.addresses)}
+        for a in lc.addresses:
+            lc.start(a, data_dir=dirs[a])
+        await lc.wait_up()
+        victim, other = lc.addresses[0], lc[lc.addresses[1]]
+        rx = lc[victim].receive("stale", buffer=1)
+        await rx.wait_registered()
+        await other.raft.wait_for(lambda n: n.applied_index >= lc[victim].raft.applied_index)
+        assert [r.node_id for r in other._plane.registry.receivers("stale")] == [victim]
+        await lc.kill(victim)  # no graceful unregistration
+        assert [r.node_id for r in other._plane.registry.receivers("stale")] == [victim]
+        lc.start(victim, data_dir=dirs[victim])
+        await lc.wait_up(victim)
+        await other.raft.wait_for(lambda n: n.applied_index >= lc[victim].raft.applied_index)
+        assert other._plane.registry.receivers("stale") == ()

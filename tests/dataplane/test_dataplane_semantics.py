@@ -420,20 +420,6 @@ async def test_data_plane_close_breaks_senders_and_ends_receivers() -> None:
             rx.receive_nowait()
 
 
-async def test_receivers_left_by_an_earlier_run_are_removed() -> None:
-    from trio_dchan.registry import RegisterReceiver, encode_command
-
-    async with open_cluster(2) as cluster:
-        await cluster.propose(encode_command(RegisterReceiver("old", "n0/1-dead", "n0", 4)))
-        await cluster.propose(encode_command(RegisterReceiver("old", "n1/1-live", "n1", 4)))
-        live = cluster.planes["n0"].receive("old")
-        await _registered(live)
-        assert await cluster.planes["n0"].remove_stale_receivers() == 1
-        ids = {r.receiver_id for r in cluster.registry.receivers("old")}
-        assert ids == {live.receiver_id, "n1/1-live"}
-        await live.aclose()
-
-
 async def test_cancelled_tracked_send_sends_nothing_and_statistics_add_up() -> None:
     async with open_cluster(2) as cluster:
         rx = cluster.planes["n1"].receive("stats", buffer=1)

@@ -72,8 +72,6 @@ class RegistryView(Protocol):
 
     def receivers(self, namespace: str) -> tuple[ReceiverInfo, ...]: ...
 
-    def namespaces(self) -> tuple[str, ...]: ...
-
     async def wait_changed(self, since_version: int) -> int: ...
 
 
@@ -943,26 +941,6 @@ class DataPlane:
         self._inboxes[rid] = inbox
         self._spawn(self._register, inbox)
         return DistributedReceiveChannel._create(self, inbox)
-
-    async def remove_stale_receivers(self) -> int:
-        """Unregister receivers the Registry lists on this node but this data plane lacks.
-
-        They are left over from an earlier run of the node (a crash, or a
-        restart from ``data_dir``); messages routed to them would only be
-        refused. Call it once the node has caught up with the log. Returns how
-        many were removed.
-        """
-        stale = [
-            info
-            for namespace in self.registry.namespaces()
-            for info in self.registry.receivers(namespace)
-            if info.node_id == self.node_id and info.receiver_id not in self._inboxes
-        ]
-        for info in stale:
-            await self._propose(
-                encode_command(UnregisterReceiver(info.namespace, info.receiver_id))
-            )
-        return len(stale)
 
     def _sender(self, namespace: str) -> _NsSender:
         ns = self._senders.get(namespace)
