@@ -135,13 +135,21 @@ class Cluster:
         """
         return self._plane.send(namespace, buffer)
 
-    def receive(self, namespace: str, buffer: int = 0) -> DistributedReceiveChannel:
+    def receive(
+        self, namespace: str, buffer: int = 0, *, prefetch: int = 0
+    ) -> DistributedReceiveChannel:
         """A new receiver of ``namespace`` holding up to ``buffer`` messages.
 
         Returns at once; messages arrive once the registration commits
         (``await channel.wait_registered()`` waits for that).
+
+        ``prefetch`` lets up to that many more messages be sent to this
+        receiver while its buffer is full, so the next batch is already on
+        its way when the buffer drains: a fast consumer gets more
+        throughput, at the price of holding up to ``buffer + prefetch``
+        messages on this node (see the user guide).
         """
-        return self._plane.receive(namespace, buffer)
+        return self._plane.receive(namespace, buffer, prefetch=prefetch)
 
     def statistics(self) -> ClusterStatistics:
         conf = self._node.members

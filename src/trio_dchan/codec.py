@@ -719,6 +719,16 @@ def encode_batch(values: Iterable[Any]) -> bytes:
     return encode(values)
 
 
+def batch_header(count: int) -> bytes:
+    """The bytes that open a batch of ``count`` encoded values.
+
+    ``batch_header(len(items)) + b"".join(items)`` is :func:`join_encoded`
+    of ``items``, for a caller that copies the items into a larger buffer
+    of its own.
+    """
+    return _array_header(count)
+
+
 def _array_header(count: int) -> bytes:
     if count < 24:
         return bytes((0x80 | count,))

@@ -64,7 +64,8 @@ class Batch:
     first_seq: int
     count: int
     rid: str
-    payload: bytes
+    #: A view into the frame (decoding reads it in place, without a copy).
+    payload: memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +91,12 @@ Record = Batch | RidCount | Refuse | Ack
 
 
 def batch(first_seq: int, count: int, rid: bytes, payload: bytes) -> bytes:
-    return _BATCH.pack(BATCH, first_seq, count, len(rid), len(payload)) + rid + payload
+    return batch_header(first_seq, count, rid, len(payload)) + payload
+
+
+def batch_header(first_seq: int, count: int, rid: bytes, payload_len: int) -> bytes:
+    """A BATCH record up to its payload (which must follow, ``payload_len`` bytes)."""
+    return _BATCH.pack(BATCH, first_seq, count, len(rid), payload_len) + rid
 
 
 def rid_count(kind: int, rid: str, n: int) -> bytes:
@@ -140,7 +146,7 @@ def parse(frame: bytes, allowed: frozenset[int]) -> Iterator[Record]:
                 raise PeerProtocolError("BATCH payload truncated")
             if count == 0 or first == 0:
                 raise PeerProtocolError("BATCH record with no messages or sequence 0")
-            yield Batch(first, count, rid, bytes(view[pos : pos + plen]))
+            yield Batch(first, count, rid, view[pos : pos + plen])
             pos += plen
         elif kind in (WANT, RETURN, CREDIT):
             if pos + _RID_N.size > end:

@@ -25,6 +25,7 @@ import trio
 from outcome import Error
 from trio.lowlevel import enable_ki_protection
 
+from ..codec import encode as _encode
 from .types import Outcome, Receipt, ReceiveChannelStatistics, SendChannelStatistics
 
 if TYPE_CHECKING:
@@ -123,9 +124,12 @@ class DistributedSendChannel(trio.abc.SendChannel[Any]):
         buffer has). Cancelled, it sent nothing.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._closed or self._plane._closing:
+        plane = self._plane
+        if self._closed or plane._closing:
             self._check()
-        encoded = self._plane.encode(value)
+        encoded = _encode(value)
+        if len(encoded) > plane.max_message_bytes:
+            plane.refuse_size(len(encoded))
         # The common case, inline: a receiver has credit.
         if self._ns.place(encoded, self._owner, None):
             await trio.lowlevel.cancel_shielded_checkpoint()
@@ -343,6 +347,7 @@ class DistributedReceiveChannel(trio.abc.ReceiveChannel[Any]):
             receiver_id=inbox.rid,
             registered=inbox.registered,
             max_buffer_size=inbox.buffer,
+            prefetch=inbox.prefetch,
             current_buffer_used=len(inbox.data),
             peak_buffer_used=inbox.peak,
             open_receive_channels=inbox.open_clones,

@@ -26,8 +26,12 @@ __all__ = ["DataLink", "DataPlaneHandler", "MemoryLink", "memory_link_pair"]
 class DataLink(Protocol):
     """One stream between this node and a peer; frames are opaque bytes."""
 
-    async def send_frame(self, frame: bytes) -> None:
-        """Send one frame; raises if the stream is broken or closed."""
+    async def send_frame(self, frame: bytes | list[bytes]) -> None:
+        """Send one frame; raises if the stream is broken or closed.
+
+        A list is one frame given in pieces (their concatenation), which
+        spares the caller a copy of a large frame.
+        """
         ...
 
     async def receive_frame(self) -> bytes:
@@ -62,7 +66,10 @@ class MemoryLink:
         #: Frames written to this end so far.
         self.frames_sent = 0
 
-    async def send_frame(self, frame: bytes) -> None:
+    async def send_frame(self, frame: bytes | list[bytes]) -> None:
+        if type(frame) is list:
+            frame = b"".join(frame)
+        assert isinstance(frame, bytes)
         if self._max_frame_bytes is not None and len(frame) > self._max_frame_bytes:
             raise FrameTooLargeError(
                 f"frame of {len(frame)} bytes exceeds the link limit of {self._max_frame_bytes}"

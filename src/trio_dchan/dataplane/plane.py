@@ -30,7 +30,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import trio
 from outcome import Error, Value
@@ -214,8 +214,22 @@ class _NsSender:
         """Accept a message against a receiver's credit; False if nobody has any."""
         if self.waiting and not self._drain_waiting():
             return False
-        slot = self._pick()
-        if slot is None:
+        # The common case inline (this runs once per message): the next
+        # receiver in turn has credit.
+        slots = self.slots
+        if slots:
+            slot = slots[self.rr]
+            if slot.credit:
+                slot.credit -= 1
+                self.rr += 1
+                if self.rr == len(slots):
+                    self.rr = 0
+            else:
+                found = self._pick()
+                if found is None:
+                    return False
+                slot = found
+        else:
             return False
         self.queued += 1
         owner.outstanding += 1
@@ -324,6 +338,8 @@ class _PeerOut:
         #: A sender waits for the batch being gathered: gather no longer.
         self._flushed = False
         self._target = plane.settings.batch_target
+        #: The most messages credit has let us have queued or on the way.
+        self._reach = 0
         self._needed = trio.Event()
 
     def add_slot(self, slot: _Slot) -> None:
@@ -406,7 +422,7 @@ class _PeerOut:
         idle = self.plane.settings.credit_idle_return
         window = self.plane.settings.max_unacked_frames
         linger = self.plane.settings.batch_linger
-        target = self.plane.settings.batch_target
+        most = self.plane.settings.batch_target
         unacked = self.unacked_frames
         try:
             while True:
@@ -434,7 +450,16 @@ class _PeerOut:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 if not self._flushed:
                     await trio.lowlevel.cancel_shielded_checkpoint()
+                # Aim for half of what credit lets us have on the way, so one
+                # batch is in flight while the next one gathers.
+                reach = len(queue) + len(self.inflight)
+                for slot in self.slots.values():
+                    reach += slot.credit
+                if reach > self._reach:
+                    self._reach = reach
+                target = max(1, min(most, self._reach // 2))
                 if linger > 0 and before < len(queue) < target and not self._flushed:
+                    self._target = target
                     self._full = trio.Event()
                     self._lingering = True
                     with trio.move_on_after(linger):
@@ -458,40 +483,47 @@ class _PeerOut:
                 slot.credit = 0
                 slot.want_sent = False
 
-    def _build(self) -> bytes:
+    def _build(self) -> list[bytes]:
         parts = self.control
         self.control = []
         budget = self.plane.settings.max_frame_bytes - sum(map(len, parts))
         queue = self.queue
         inflight = self.inflight
         seq = self.next_seq
-        join = codec.join_encoded
+        # The frame leaves in pieces, copied once into the transport's
+        # message: each record's header goes in front of its messages once
+        # their count is known.
         while queue:
             slot = queue[0][0]
             room = budget - fr.BATCH_OVERHEAD - len(slot.rid_bytes) - 16
-            encs: list[bytes] = []
+            at = len(parts)
+            parts.append(b"")
+            size = 0
             while queue:
                 item = queue[0]
                 if item[0] is not slot:
                     break
-                cost = len(item[1]) + _ITEM_OVERHEAD
+                encoded = item[1]
+                cost = len(encoded) + _ITEM_OVERHEAD
                 if cost > room:
                     break
                 room -= cost
-                encs.append(item[1])
+                size += len(encoded)
+                parts.append(encoded)
                 inflight.append(queue.popleft())
-            if not encs:
+            n = len(parts) - at - 1
+            if not n:
+                parts.pop()
                 break
-            n = len(encs)
-            record = fr.batch(seq, n, slot.rid_bytes, join(encs))
-            parts.append(record)
-            budget -= len(record)
+            head = codec.batch_header(n)
+            parts[at] = fr.batch_header(seq, n, slot.rid_bytes, len(head) + size) + head
+            budget -= len(parts[at]) + size
             seq += n
             ns = slot.ns
             ns.queued -= n
             ns.in_flight += n
         self.next_seq = seq
-        return b"".join(parts)
+        return parts
 
     async def _read_feedback(self, link: DataLink) -> None:
         while True:
@@ -595,11 +627,14 @@ class _PeerOut:
 class _Inbox:
     """One local receiver: its buffer, its waiting tasks and the credit it granted."""
 
-    def __init__(self, namespace: str, rid: str, buffer: int, window: int) -> None:
+    def __init__(self, namespace: str, rid: str, buffer: int, prefetch: int, window: int) -> None:
         self.namespace = namespace
         self.rid = rid
         self.buffer = buffer
-        self.chunk = max(1, min(buffer, window) // 4)
+        self.prefetch = prefetch
+        #: Messages this receiver may hold: its buffer, then what was prefetched.
+        self.capacity = buffer + prefetch
+        self.chunk = max(1, min(self.capacity, window) // 4)
         self.data: deque[Any] = deque()
         self.waiting: OrderedDict[trio.lowlevel.Task, None] = OrderedDict()
         self.open_clones = 1
@@ -624,7 +659,7 @@ class _Inbox:
         self.freed = 0
         if self.closing or not self.wanters:
             return
-        free = self.buffer + len(self.waiting) - len(self.data) - self.granted_total
+        free = self.capacity + len(self.waiting) - len(self.data) - self.granted_total
         if free <= 0:
             return
         rid = self.rid
@@ -922,22 +957,28 @@ class DataPlane:
             raise trio.BrokenResourceError("the node's data plane is closed")
         return DistributedSendChannel._create(self, self._sender(namespace), buffer)
 
-    def receive(self, namespace: str, buffer: int = 0) -> DistributedReceiveChannel:
+    def receive(
+        self, namespace: str, buffer: int = 0, *, prefetch: int = 0
+    ) -> DistributedReceiveChannel:
         """A new receiver of ``namespace`` with room for ``buffer`` messages.
 
         It returns at once; the registration commits in the background
-        (``await channel.wait_registered()`` to wait for it).
+        (``await channel.wait_registered()`` to wait for it). Up to
+        ``prefetch`` messages beyond a full buffer may be sent to it; they
+        wait on this node and are received like buffered ones.
         """
         from .channels import DistributedReceiveChannel
 
         _check_namespace(namespace)
         if not isinstance(buffer, int) or buffer < 0:
             raise ValueError("buffer must be an integer >= 0")
+        if not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError("prefetch must be an integer >= 0")
         if self._closing:
             raise trio.BrokenResourceError("the node's data plane is closed")
         self._next_rid += 1
         rid = f"{self.node_id}/{self._next_rid}-{self.rng.getrandbits(32):08x}"
-        inbox = _Inbox(namespace, rid, buffer, self.settings.credit_window)
+        inbox = _Inbox(namespace, rid, buffer, prefetch, self.settings.credit_window)
         self._inboxes[rid] = inbox
         self._spawn(self._register, inbox)
         return DistributedReceiveChannel._create(self, inbox)
@@ -960,12 +1001,16 @@ class DataPlane:
         """Encode one message in the caller's task; raise if it cannot be sent."""
         encoded = codec.encode(value)
         if len(encoded) > self.max_message_bytes:
-            raise MessageTooLargeError(
-                f"the message encodes to {len(encoded)} bytes; at most "
-                f"{self.max_message_bytes} fit in one frame (settings.max_frame_bytes="
-                f"{self.settings.max_frame_bytes})"
-            )
+            self.refuse_size(len(encoded))
         return encoded
+
+    def refuse_size(self, size: int) -> NoReturn:
+        """Raise the error for a message that encodes to ``size`` bytes, too many for a frame."""
+        raise MessageTooLargeError(
+            f"the message encodes to {size} bytes; at most "
+            f"{self.max_message_bytes} fit in one frame (settings.max_frame_bytes="
+            f"{self.settings.max_frame_bytes})"
+        )
 
     def statistics(self) -> dict[str, NamespaceStatistics]:
         """Per-namespace totals of this node (sending and receiving side)."""

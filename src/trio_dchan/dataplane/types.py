@@ -32,17 +32,21 @@ class DataPlaneSettings:
     #: Keep it below the transport's own message limit (the gRPC transport
     #: allows 4 MiB per message including its own few bytes of wrapping).
     max_frame_bytes: int = 4 * 1024 * 1024 - 1024
-    #: Credits a sending node asks each receiver for: how many of its messages
-    #: may be on their way to one receiver beyond the receiver's free buffer.
-    credit_window: int = 256
+    #: The most credit a sending node asks one receiver for: how many of its
+    #: messages may be queued for or on their way to that receiver. A
+    #: receiver grants no more than its free space (buffer, prefetch and
+    #: waiting tasks), shared among the sending nodes that want some.
+    credit_window: int = 1024
     #: Frames of messages a sending node keeps on a stream before waiting for
     #: an ack; meanwhile new messages gather into the next batch.
     max_unacked_frames: int = 1
     #: How long a batch may wait for more messages while a sender keeps
     #: adding them (a lone message never waits). 0 sends at once.
     batch_linger: float = 0.001
-    #: A batch this large leaves without waiting out the linger.
-    batch_target: int = 128
+    #: A batch this large leaves without waiting out the linger. A batch aims
+    #: for half of what credit lets be on the way to the peer (so one batch
+    #: travels while the next gathers), at most this many messages.
+    batch_target: int = 256
     #: A sending node gives unused credit back after this long without sending
     #: to a peer, so an idle sender does not hold a receiver's space.
     credit_idle_return: float = 0.25
@@ -209,6 +213,10 @@ class ReceiveChannelStatistics:
     #: Whether the registration has committed (messages can arrive).
     registered: bool
     max_buffer_size: int
+    #: Messages that may be sent to it beyond a full buffer (``prefetch``).
+    prefetch: int
+    #: Messages waiting for a ``receive()``: at most ``max_buffer_size``, plus
+    #: up to ``prefetch`` more that were sent while the buffer was full.
     current_buffer_used: int
     peak_buffer_used: int
     open_receive_channels: int

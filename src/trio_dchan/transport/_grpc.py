@@ -298,12 +298,20 @@ def _varint_bytes(value: int) -> bytes:
     return bytes(out)
 
 
-def encode_data_frame(payload: bytes) -> bytes:
-    """A ``DataFrame(payload=payload)`` as one gRPC message (5-byte prefix included)."""
-    if payload:
-        body_len = 1 + len(_varint_bytes(len(payload))) + len(payload)
-        head = b"\x00" + body_len.to_bytes(4, "big") + _FRAME_TAG + _varint_bytes(len(payload))
-        return head + payload
+def encode_data_frame(payload: bytes | list[bytes], size: int | None = None) -> bytes:
+    """A ``DataFrame(payload=payload)`` as one gRPC message (5-byte prefix included).
+
+    ``payload`` may come in pieces (``size`` is then their total length):
+    they are copied once, straight into the message.
+    """
+    if size is None:
+        size = len(payload) if isinstance(payload, bytes) else sum(map(len, payload))
+    if size:
+        body_len = 1 + len(_varint_bytes(size)) + size
+        head = b"\x00" + body_len.to_bytes(4, "big") + _FRAME_TAG + _varint_bytes(size)
+        if isinstance(payload, bytes):
+            return head + payload
+        return b"".join([head, *payload])
     return b"\x00\x00\x00\x00\x00"
 
 

@@ -202,20 +202,22 @@ class _LinkBase:
                 self._broken
             )
 
-    async def send_frame(self, frame: bytes) -> None:
+    async def send_frame(self, frame: bytes | list[bytes]) -> None:
         self._check()
-        if len(frame) + 16 > self._limit:
-            raise MessageTooLarge(len(frame), self._limit - 16)
+        size = len(frame) if isinstance(frame, bytes) else sum(map(len, frame))
+        if size + 16 > self._limit:
+            raise MessageTooLarge(size, self._limit - 16)
         if self._send_busy:
             raise trio.BusyResourceError("another task is sending on this data link")
         self._send_busy = True
         try:
-            data = _grpc.encode_data_frame(frame)
+            data = _grpc.encode_data_frame(frame, size)
             await trio.lowlevel.checkpoint_if_cancelled()
             if _grpc.send_now(self._stream, data):
                 await trio.lowlevel.cancel_shielded_checkpoint()
             else:
-                await self._aio(_grpc.send)(self._stream, pb.DataFrame(payload=frame))
+                payload = frame if isinstance(frame, bytes) else b"".join(frame)
+                await self._aio(_grpc.send)(self._stream, pb.DataFrame(payload=payload))
         except trio.Cancelled:
             await self._break(ConnectionAbortedError("send cancelled mid-frame"))
             raise
