@@ -7,7 +7,10 @@ process with another library, since trio-asyncio changes the loop policy):
   ``open_cluster`` with the same 2-node peer list, one namespace, buffer 256,
   the sender awaiting ``send()`` per message, the receiver using ``async for``:
   small messages ``{"id": i, "item": "widget", "qty": 3}``, 4 KiB messages,
-  ``send_tracked`` on every message with the receipts awaited concurrently,
+  the same two again with receivers that also prefetch 768 messages
+  (``cluster.receive(ns, buffer=256, prefetch=768)``: the node may hold
+  that many more while the buffer is full, so the next batch is on its way
+  when the buffer drains), ``send_tracked`` on every message with the receipts awaited concurrently,
   p50 latency of one tracked send to its delivered receipt (one in flight),
   and the sender's RSS growth while a receiver that never reads is offered
   1,000,000 messages (the sender blocks: it keeps trying for a bounded time);
@@ -43,6 +46,9 @@ import time
 from typing import Any
 
 BUFFER = 256
+#: The receivers of the ``*_prefetch`` phases may also hold this many messages
+#: sent while their buffer was full (``cluster.receive(ns, prefetch=...)``).
+PREFETCH = 3 * BUFFER
 SMALL_BYTES = 4096
 HERE = os.path.abspath(__file__)
 
@@ -271,7 +277,11 @@ def _settings() -> Any:
     # commit unregistrations, so do not wait the default time for them.
     return dataclasses.replace(
         base,
-        dataplane=dataclasses.replace(base.dataplane, unregister_timeout=0.5, handoff_timeout=0.5),
+        dataplane=dataclasses.replace(
+            base.dataplane,
+            unregister_timeout=0.5,
+            handoff_timeout=0.5,
+        ),
     )
 
 
@@ -307,18 +317,27 @@ def child_dchan_recv(fd: int, address: str, peers: list[str], counts: dict[str, 
             address, cluster_id="bench", peers=peers, settings=_settings(), sock=sock
         ) as cluster:
             stuck = cluster.receive("stuck", buffer=BUFFER)  # never reads
-            channels = {ns: cluster.receive(ns, buffer=BUFFER) for ns in counts}
+            channels = {
+                ns: cluster.receive(
+                    ns, buffer=BUFFER, prefetch=PREFETCH if ns.endswith("_prefetch") else 0
+                )
+                for ns in counts
+            }
             for ch in (stuck, *channels.values()):
                 await ch.wait_registered()
             emit(kind="ready")
 
             async def consume(ns: str, count: int) -> None:
                 n = 0
+                cpu0 = 0.0
                 async for _ in channels[ns]:
+                    if n == 0:
+                        cpu0 = cpu_seconds()
                     n += 1
                     if n == count:
                         break
-                emit(kind="end", phase=ns, at=time.time(), count=n)
+                cpu = (cpu_seconds() - cpu0) / max(n - 1, 1)
+                emit(kind="end", phase=ns, at=time.time(), count=n, cpu_per_message=cpu)
 
             async with trio.open_nursery() as nursery:
                 for ns, count in counts.items():
@@ -413,6 +432,8 @@ def child_dchan_send(
         ) as cluster:
             await throughput(cluster, "small", small)
             await throughput(cluster, "big", big)
+            await throughput(cluster, "small_prefetch", small)
+            await throughput(cluster, "big_prefetch", big)
             await tracked(cluster)
             await latency(cluster)
             await backpressure(cluster)
@@ -643,11 +664,14 @@ def run_link_pingpong(pings: int) -> float:
     return p50
 
 
+THROUGHPUT_PHASES = ("small", "big", "small_prefetch", "big_prefetch")
+
+
 def run_dchan_pair(counts: dict[str, int], pings: int, offer: int) -> dict[str, Any]:
     socks = [bound(), bound()]
     addrs = [f"127.0.0.1:{s.getsockname()[1]}" for s in socks]
     peers = json.dumps(addrs)
-    recv_counts = {k: counts[k] for k in ("small", "big", "tracked")} | {"latency": pings}
+    recv_counts = {k: counts[k] for k in (*THROUGHPUT_PHASES, "tracked")} | {"latency": pings}
     recv = Child(
         "dchan-recv",
         str(socks[1].fileno()),
@@ -671,9 +695,11 @@ def run_dchan_pair(counts: dict[str, int], pings: int, offer: int) -> dict[str, 
     out: dict[str, Any] = {}
     try:
         recv.next("ready")
-        for phase in ("small", "big"):
+        for phase in THROUGHPUT_PHASES:
             start = send.next("start")
-            out[phase] = rate(start, recv.next("end"))
+            end = recv.next("end")
+            out[phase] = rate(start, end)
+            out[f"{phase}_receiver_cpu_us_per_msg"] = end["cpu_per_message"] * 1e6
             cpu = send.next("cpu")
             out[f"{phase}_sender_cpu_us_per_msg"] = cpu["per_message"] * 1e6
             out[f"{phase}_sender_runqueue_fraction"] = cpu["runqueue_fraction"]
@@ -781,6 +807,8 @@ def main() -> None:
     counts = {
         "small": int(300_000 * scale),
         "big": int(30_000 * scale),
+        "small_prefetch": int(300_000 * scale),
+        "big_prefetch": int(50_000 * scale),
         "tracked": int(150_000 * scale),
     }
     pings = int(2_000 * scale)
@@ -817,10 +845,19 @@ def main() -> None:
     dc = run_dchan_pair(counts, pings, offer)
     print(
         f"trio_dchan, 2 processes:        {dc['small']:>10,.0f} msgs/s small "
-        f"({dc['small_sender_cpu_us_per_msg']:.1f} us sender CPU/msg, sender waiting for "
+        f"({dc['small_sender_cpu_us_per_msg']:.1f} us sender CPU/msg, "
+        f"{dc['small_receiver_cpu_us_per_msg']:.1f} us receiver CPU/msg, sender waiting for "
         f"a CPU {dc['small_sender_runqueue_fraction']:.0%} of the time), "
         f"{dc['big']:,.0f} msgs/s 4 KiB, {dc['tracked']:,.0f} msgs/s tracked, "
         f"tracked p50 {dc['latency_p50_s'] * 1e6:.0f} us",
+        flush=True,
+    )
+    print(
+        f"trio_dchan, receivers with prefetch={PREFETCH}: "
+        f"{dc['small_prefetch']:>10,.0f} msgs/s small "
+        f"({dc['small_prefetch_sender_cpu_us_per_msg']:.1f} us sender CPU/msg, "
+        f"{dc['small_prefetch_receiver_cpu_us_per_msg']:.1f} us receiver CPU/msg), "
+        f"{dc['big_prefetch']:,.0f} msgs/s 4 KiB",
         flush=True,
     )
     print(
@@ -845,7 +882,18 @@ def main() -> None:
         "dchan_small_sender_cpu_us_per_msg": round(dc["small_sender_cpu_us_per_msg"], 2),
         "dchan_small_sender_runqueue_fraction": round(dc["small_sender_runqueue_fraction"], 3),
         "memchan_runqueue_fraction": round(memchan_wait, 3),
+        "dchan_small_receiver_cpu_us_per_msg": round(dc["small_receiver_cpu_us_per_msg"], 2),
         "dchan_4k_msgs_per_s": round(dc["big"]),
+        "dchan_4k_receiver_cpu_us_per_msg": round(dc["big_receiver_cpu_us_per_msg"], 2),
+        "dchan_prefetch": PREFETCH,
+        "dchan_small_prefetch_msgs_per_s": round(dc["small_prefetch"]),
+        "dchan_small_prefetch_sender_cpu_us_per_msg": round(
+            dc["small_prefetch_sender_cpu_us_per_msg"], 2
+        ),
+        "dchan_small_prefetch_receiver_cpu_us_per_msg": round(
+            dc["small_prefetch_receiver_cpu_us_per_msg"], 2
+        ),
+        "dchan_4k_prefetch_msgs_per_s": round(dc["big_prefetch"]),
         "dchan_4k_sender_cpu_us_per_msg": round(dc["big_sender_cpu_us_per_msg"], 2),
         "dchan_tracked_msgs_per_s": round(dc["tracked"]),
         "dchan_tracked_p50_us": round(dc["latency_p50_s"] * 1e6, 1),
@@ -859,6 +907,9 @@ def main() -> None:
         "small_vs_zmq": dc["small"] / zmq["small"],
         "small_vs_tcp": dc["small"] / tcp["small"],
         "4k_vs_zmq": dc["big"] / zmq["big"],
+        "small_prefetch_vs_memchan": dc["small_prefetch"] / memchan,
+        "small_prefetch_vs_zmq": dc["small_prefetch"] / zmq["small"],
+        "4k_prefetch_vs_zmq": dc["big_prefetch"] / zmq["big"],
         "tracked_vs_untracked": dc["tracked"] / dc["small"],
         "latency_vs_tcp_pingpong": dc["latency_p50_s"] / tcp["ping_p50_s"],
         "latency_vs_link_pingpong": dc["latency_p50_s"] / link_p50,
@@ -867,6 +918,9 @@ def main() -> None:
         "small_vs_memchan": ratios["small_vs_memchan"] >= 1.0,
         "small_vs_zmq": ratios["small_vs_zmq"] >= 0.4,
         "4k_vs_zmq": ratios["4k_vs_zmq"] >= 0.4,
+        "small_prefetch_vs_memchan": ratios["small_prefetch_vs_memchan"] >= 1.0,
+        "small_prefetch_vs_zmq": ratios["small_prefetch_vs_zmq"] >= 0.4,
+        "4k_prefetch_vs_zmq": ratios["4k_prefetch_vs_zmq"] >= 0.4,
         "tracked_vs_untracked": ratios["tracked_vs_untracked"] >= 0.5,
         "latency_vs_tcp_pingpong": ratios["latency_vs_tcp_pingpong"] <= 6.0,
         "stuck_rss_below_64mib": dc["rss_growth_bytes"] < 64 * 2**20,
