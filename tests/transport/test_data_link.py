@@ -194,6 +194,20 @@ async def test_oversized_frame_is_refused_locally() -> None:
             await link.aclose()
 
 
+async def test_frames_in_pieces_and_larger_than_the_flow_control_window() -> None:
+    settings = TransportSettings(flow_control_window=65_535)
+    async with transports(2, data_handlers=[Echo(), Echo()], settings=settings) as (ids, ts):
+        with trio.fail_after(20):
+            link = await ts[1].open_link(ids[0])
+            big = bytes(range(256)) * 1024  # 256 KiB: four windows' worth
+            for _ in range(3):
+                await link.send_frame([big[:1000], big[1000:5000], big[5000:]])
+                assert await link.receive_frame() == big[::-1]
+            await link.aclose()
+    with pytest.raises(ValueError, match="flow_control_window"):
+        TransportSettings(flow_control_window=1024)
+
+
 async def test_shutdown_ends_open_client_streams() -> None:
     """Closing a node must not leave its peers' streams hanging."""
     echo = Echo()

@@ -100,10 +100,17 @@ class TransportSettings:
     #: HTTP/2 keepalive ping interval (detects silently dead connections).
     keepalive_interval: float = 10.0
     keepalive_timeout: float = 10.0
+    #: HTTP/2 flow-control window of each connection and stream, in bytes:
+    #: how much a peer may send before this node has read it. The data
+    #: plane keeps several frames of up to ``max_message_bytes`` on their way
+    #: (its credit decides how many); a smaller window throttles them.
+    flow_control_window: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024:
             raise ValueError("max_message_bytes must be at least 1024")
+        if not 65_535 <= self.flow_control_window <= 2**31 - 1:
+            raise ValueError("flow_control_window must be between 65535 and 2**31 - 1")
         if self.outbound_queue < 1 or self.max_batch_messages < 1:
             raise ValueError("outbound_queue and max_batch_messages must be positive")
         for name in (
@@ -517,6 +524,8 @@ class GrpcTransport:
                 _keepalive_time=self.settings.keepalive_interval,
                 _keepalive_timeout=self.settings.keepalive_timeout,
                 _keepalive_permit_without_calls=True,
+                http2_connection_window_size=self.settings.flow_control_window,
+                http2_stream_window_size=self.settings.flow_control_window,
             )
             channel = await self._aio(_grpc.make_channel)(
                 host, port, ssl=self._client_ssl, config=config
@@ -1229,8 +1238,9 @@ class _TrackingServer(Server):
         self.protocols.clear()
 
 
-async def _make_server(service: _Service) -> _TrackingServer:
-    return _TrackingServer([service])
+async def _make_server(service: _Service, window: int) -> _TrackingServer:
+    config = Configuration(http2_connection_window_size=window, http2_stream_window_size=window)
+    return _TrackingServer([service], config=config)
 
 
 def _lost(protocol: H2Protocol) -> bool:
@@ -1296,7 +1306,7 @@ async def open_transport(
         # Those are leaks, not failures of the node: log them loudly instead.
         loop.set_exception_handler(transport._asyncio_error)
         transport._nursery = nursery
-        server = await transport._aio(_make_server)(service)
+        server = await transport._aio(_make_server)(service, settings.flow_control_window)
         transport._server = server
         if sock is not None:
             await transport._aio(server.start)(sock=sock, ssl=ssl_context)
