@@ -103,3 +103,36 @@ def _drain(rx: trio.abc.ReceiveChannel[int]) -> list[int]:
             out.append(rx.receive_nowait())
         except trio.WouldBlock:
             return out
+
+
+async def test_a_prefetching_receiver_holds_buffer_plus_prefetch() -> None:
+    """``cluster.receive(..., prefetch=P)``: P more messages reach the receiver's node, no more."""
+    async with local_cluster(2, seed=5) as lc:
+        a, b = lc.nodes
+        stuck = b.receive("ahead", buffer=5, prefetch=7)
+        await stuck.wait_registered()
+        await a.raft.wait_for(lambda n: n.applied_index >= b.raft.applied_index)
+        tx = a.send("ahead")
+        sent = 0
+
+        async def flood() -> None:
+            nonlocal sent
+            while True:
+                await tx.send(sent)
+                sent += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood)
+            await _until(
+                lambda: tx.statistics().tasks_waiting_send == 1 and tx.statistics().delivered == 12
+            )
+            assert sent == 12
+            stats = stuck.statistics()
+            assert (stats.max_buffer_size, stats.prefetch, stats.current_buffer_used) == (5, 7, 12)
+            assert _drain(stuck) == list(range(12))
+            # Reading made room: the sender goes on, again up to 12 held.
+            await _until(lambda: sent == 24 and tx.statistics().tasks_waiting_send == 1)
+            nursery.cancel_scope.cancel()
+        assert _drain(stuck) == list(range(12, 24))
+        await tx.aclose()
+        await stuck.aclose()
