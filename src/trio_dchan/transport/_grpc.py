@@ -19,12 +19,12 @@ grpclib behaviours handled here:
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import betterproto2
+import trio
 from grpclib.client import Channel
 from grpclib.client import Stream as ClientStream
 from h2.frame_buffer import FrameBuffer
@@ -458,35 +458,83 @@ def parse_prefix(prefix: bytes, limit: int) -> int:
     return size
 
 
-def data_waiter(stream: Any, loop: Any) -> asyncio.Future[None] | None:
-    """A future resolved when grpclib next queues bytes (or the end) for ``stream``.
+class Wakeup:
+    """Wakes a waiting Trio task when grpclib next queues bytes for a stream.
 
-    It stands in grpclib's own queue of readers, so it costs one callback
-    instead of an asyncio task; a client stream's failure (reset, lost
-    connection, deadline) cancels it like a waiting task. ``None`` when
-    the stream must be read the ordinary way (to have grpclib report a
-    failure, or before the reply headers).
+    It stands in grpclib's queue of readers (an ``asyncio.Queue`` that calls
+    ``done()`` and ``set_result()`` on its waiting futures) and, for a client
+    stream, among the waiters grpclib's wrapper ``cancel()``s when the
+    stream fails. Either call reschedules the task at once, from the asyncio
+    callback that queued the bytes: no asyncio future, callback handle or
+    extra scheduling round in between.
+    """
+
+    __slots__ = ("_done", "_task")
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self._task: trio.lowlevel.Task | None = task
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, result: object) -> None:
+        self._wake()
+
+    def cancel(self, msg: object = None) -> bool:
+        self._wake()
+        return True
+
+    def detach(self) -> None:
+        """The task stopped waiting: wake nobody."""
+        self._task = None
+        self._done = True
+
+    def abort(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        """``wait_task_rescheduled``'s abort function: a cancelled task is woken only once."""
+        self.detach()
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _wake(self) -> None:
+        if not self._done:
+            self._done = True
+            task = self._task
+            self._task = None
+            if task is not None:
+                trio.lowlevel.reschedule(task)
+
+
+def data_waiter(stream: Any, task: trio.lowlevel.Task) -> Wakeup | None:
+    """A :class:`Wakeup` for ``task`` when grpclib next queues bytes (or the end) for ``stream``.
+
+    A client stream's failure (reset, lost connection, deadline) wakes it
+    too. ``None`` when the stream must be read the ordinary way (to have
+    grpclib report a failure, or before the reply headers). The task must
+    wait (``wait_task_rescheduled``) right after, and call
+    :func:`drop_waiter` once woken or cancelled.
     """
     h2_stream = _receivable(stream)
     if h2_stream is None:
         return None
-    future: asyncio.Future[None] = loop.create_future()
-    h2_stream.buffer._unacked._getters.append(future)
+    waiter = Wakeup(task)
+    h2_stream.buffer._unacked._getters.append(waiter)
     if isinstance(stream, ClientStream):
         # grpclib's wrapper only calls ``cancel()`` on what it holds.
         tasks: set[Any] = stream._wrapper._tasks
-        tasks.add(future)
-    return future
+        tasks.add(waiter)
+    return waiter
 
 
-def drop_waiter(stream: Any, future: asyncio.Future[None]) -> None:
-    """Forget a future made by :func:`data_waiter`."""
-    if not future.done():
-        future.cancel()
+def drop_waiter(stream: Any, waiter: Wakeup) -> None:
+    """Forget a waiter made by :func:`data_waiter`."""
+    waiter.detach()
     getters = stream._stream.buffer._unacked._getters
     try:
-        getters.remove(future)
+        getters.remove(waiter)
     except ValueError:
         pass
     if isinstance(stream, ClientStream):
-        stream._wrapper._tasks.discard(future)
+        stream._wrapper._tasks.discard(waiter)

@@ -264,16 +264,16 @@ class _LinkBase:
         prefix = _grpc.read_now(self._stream, 5)
         while prefix is None:
             waited = True
-            future = _grpc.data_waiter(self._stream, self._loop)
-            if future is None:
+            waiter = _grpc.data_waiter(self._stream, trio.lowlevel.current_task())
+            if waiter is None:
                 prefix = await self._aio(_grpc.read_data)(self._stream, 5)
                 break
             try:
-                await trio_asyncio.run_aio_future(future)
-            except asyncio.CancelledError:
-                pass  # the stream failed: the ordinary read reports how
+                # Woken by bytes or by the stream failing (the ordinary read
+                # below then reports how).
+                await trio.lowlevel.wait_task_rescheduled(waiter.abort)
             finally:
-                _grpc.drop_waiter(self._stream, future)
+                _grpc.drop_waiter(self._stream, waiter)
             prefix = _grpc.read_now(self._stream, 5)
         if not prefix:
             if not waited:
