@@ -344,3 +344,56 @@ def test_garbage_from_peers_only_raises_raft_errors() -> None:
             assert core.commit_index <= core.last_index
             assert core.applied_index <= core.commit_index
             assert core.first_index <= core.commit_index + 1
+
+
+def test_a_snapshot_larger_than_the_limit_is_refused_not_assembled() -> None:
+    conf = ConfState(voters=frozenset(IDS))
+    follower = RaftCore(
+        RaftConfig("b", max_snapshot_bytes=100),
+        PersistedState(initial_conf=conf),
+        random.Random(1),
+    )
+    meta = SnapshotMeta(10, 1, conf)
+    start = follower.commit_index
+
+    def chunk(offset: int, size: int, done: bool = False) -> list[Message]:
+        follower.step(
+            Message(
+                MessageType.SNAPSHOT,
+                "b",
+                "a",
+                1,
+                snapshot=meta,
+                snapshot_offset=offset,
+                snapshot_data=b"s" * size,
+                snapshot_done=done,
+            )
+        )
+        return [m for m in _drain(follower) if m.type is MessageType.SNAPSHOT_RESP]
+
+    [ok] = chunk(0, 60)
+    assert (ok.reject, ok.snapshot_offset) == (False, 60)
+    [refused] = chunk(60, 60, done=True)
+    assert refused.reject
+    assert follower.refused_snapshots == 1
+    assert follower.commit_index == start  # nothing was installed
+    # What was gathered is gone: the next chunk of that transfer is refused too.
+    [again] = chunk(120, 10, done=True)
+    assert again.reject
+    # A snapshot within the limit still installs.
+    [first] = chunk(0, 50)
+    assert not first.reject
+    follower.step(
+        Message(
+            MessageType.SNAPSHOT,
+            "b",
+            "a",
+            1,
+            snapshot=meta,
+            snapshot_offset=50,
+            snapshot_data=b"s" * 50,
+            snapshot_done=True,
+        )
+    )
+    _drain(follower)
+    assert follower.commit_index == 10

@@ -93,6 +93,9 @@ class RaftConfig:
     max_inflight_messages: int = 64
     #: Bytes of snapshot data per SNAPSHOT message.
     snapshot_chunk_size: int = 1 << 20
+    #: Largest snapshot this node assembles from chunks: a leader that sends
+    #: more is refused (the transfer starts over) instead of filling memory.
+    max_snapshot_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -106,6 +109,7 @@ class RaftConfig:
             "max_bytes_per_message",
             "max_inflight_messages",
             "snapshot_chunk_size",
+            "max_snapshot_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -299,6 +303,8 @@ class RaftCore:
         self._pending_conf_index = 0
         self._need_flush = False
         self._recv_snap: tuple[tuple[NodeId, int, int, int], bytearray] | None = None
+        #: Snapshot transfers refused for exceeding ``max_snapshot_bytes``.
+        self.refused_snapshots = 0
 
         self._voters: list[NodeId] = []
         self._peers: list[NodeId] = []
@@ -320,6 +326,10 @@ class RaftCore:
     @property
     def id(self) -> NodeId:
         return self._id
+
+    @property
+    def config(self) -> RaftConfig:
+        return self._cfg
 
     @property
     def role(self) -> Role:
@@ -970,6 +980,12 @@ class RaftCore:
             return
         buf = self._recv_snap[1]
         if m.snapshot_offset == len(buf):
+            if len(buf) + len(m.snapshot_data) > self._cfg.max_snapshot_bytes:
+                # More than this node takes: drop what was gathered.
+                self._recv_snap = None
+                self.refused_snapshots += 1
+                self._send_snapshot_resp(m, 0, reject=True)
+                return
             buf += m.snapshot_data
             if m.snapshot_done:
                 self._recv_snap = None

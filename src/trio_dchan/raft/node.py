@@ -557,12 +557,19 @@ class RaftNode:
                         # in a burst, which would time out elections spuriously.
                         next_tick = now + interval
                 inbox = self._inbox
+                refused = core.refused_snapshots
                 while inbox:
                     message = inbox.popleft()
                     try:
                         core.step(message)
                     except DchanError as exc:
                         logger.warning("raft node %s ignored a bad message: %s", self.id, exc)
+                if core.refused_snapshots != refused:
+                    logger.warning(
+                        "raft node %s refused a snapshot larger than %d bytes from the leader",
+                        self.id,
+                        core.config.max_snapshot_bytes,
+                    )
                 if self._commands:
                     self._propose_batch()
                 if self._requests:
