@@ -399,6 +399,7 @@ class _PeerOut:
             self.acked = 0
             self.next_seq = 1
             self.unacked_frames.clear()
+            self._reach = 0
             self.connected = True
             for slot in self.slots.values():
                 if slot.ns.active:
