@@ -181,6 +181,11 @@ class _Peer:
     snapshot_chunks: int = 0
     closed: bool = False
     retry_at: float = 0.0
+    #: Set (and replaced) when the peer shows it is back before ``retry_at``:
+    #: the pumps waiting out the backoff retry at once.
+    revived: trio.Event = field(default_factory=trio.Event)
+    #: The early retry of the current run of failures was used.
+    revival_used: bool = False
     links: set[_ClientLink] = field(default_factory=set)
 
 
@@ -551,6 +556,33 @@ class GrpcTransport:
             delay = s.backoff_max
         peer.retry_at = trio.current_time() + delay * self._rng.uniform(0.5, 1.0)
 
+    def _reached(self, peer: _Peer) -> None:
+        """A call to ``peer`` went through: its backoff is over."""
+        if peer.failures or peer.retry_at:
+            peer.failures = 0
+            peer.revival_used = False
+            self._revive(peer)
+
+    def _heard_from(self, node_id: NodeId) -> None:
+        """``node_id`` called this node: if we are backing off from it, retry now.
+
+        A restarted peer calls its peers as soon as it runs (Raft votes and
+        replies), usually well before our backoff to it ends. Only the
+        first sign of life in a run of failures cuts the backoff short: a
+        peer that reaches us while we cannot reach it (a wrong address,
+        say) does not turn every call it makes into a retry.
+        """
+        peer = self._peers.get(node_id)
+        if peer is None or not peer.failures or peer.revival_used:
+            return
+        peer.revival_used = True
+        self._revive(peer)
+
+    def _revive(self, peer: _Peer) -> None:
+        peer.retry_at = 0.0
+        peer.revived.set()
+        peer.revived = trio.Event()
+
     # ------------------------------------------------------ raft traffic --
 
     def send(self, messages: Sequence[Message]) -> None:
@@ -597,7 +629,11 @@ class GrpcTransport:
         return stream
 
     async def _wait_retry(self, peer: _Peer) -> None:
-        await trio.sleep_until(peer.retry_at)
+        """Wait out the backoff of ``peer``, or until it shows it is back."""
+        await trio.lowlevel.checkpoint()
+        while trio.current_time() < peer.retry_at:
+            with trio.move_on_at(peer.retry_at):
+                await peer.revived.wait()
 
     def _drain(self, recv: trio.MemoryReceiveChannel[Message], batch: list[Message]) -> None:
         limit = self.settings.max_batch_messages
@@ -703,7 +739,7 @@ class GrpcTransport:
                 with trio.fail_after(s.send_timeout):
                     await self._aio(_grpc.send)(stream, batch)
                 peer.sent += len(batch.messages)
-                peer.failures = 0
+                self._reached(peer)
             pending.clear()
             with trio.move_on_at(rotate_at):
                 try:
@@ -762,7 +798,7 @@ class GrpcTransport:
                         stream, pb.SnapshotAck, s.max_message_bytes
                     )
                 stream = None
-                peer.failures = 0
+                self._reached(peer)
             except _LINK_ERRORS as exc:
                 self._log_link_failure(peer, "snapshot stream", exc)
                 self._backoff(peer)
@@ -796,7 +832,7 @@ class GrpcTransport:
         progress = [False]
         try:
             with trio.fail_after(deadline_s + 1.0):
-                return await self._aio(_grpc.unary)(
+                reply = await self._aio(_grpc.unary)(
                     await self._channel(peer),
                     path,
                     request,
@@ -818,6 +854,8 @@ class GrpcTransport:
             if not progress[0]:
                 self._backoff(peer)
             raise Unavailable(to, repr(exc), maybe_delivered=progress[0]) from exc
+        self._reached(peer)
+        return reply
 
     async def forward(self, to: NodeId, proposal: Proposal) -> object:
         """Run ``proposal`` on node ``to``; errors keep their type (``NotLeader.leader``...)."""
@@ -897,6 +935,7 @@ class GrpcTransport:
         except _LINK_ERRORS as exc:
             self._backoff(peer)
             raise Unavailable(peer_id, repr(exc)) from exc
+        self._reached(peer)
         link = _ClientLink(
             stream,
             peer=peer,
@@ -1038,6 +1077,7 @@ class _Service:
                 self._refuse(stream, "node", "the call carries no node-id")
             if members_only and not t._is_member(caller):
                 self._refuse(stream, "node", f"node {caller!r} is not a member of the cluster")
+            t._heard_from(caller)
             try:
                 await trio_fn(stream, caller)
             except StreamTerminatedError:
