@@ -629,11 +629,13 @@ class GrpcTransport:
         return stream
 
     async def _wait_retry(self, peer: _Peer) -> None:
-        """Wait out the backoff of ``peer``, or until it shows it is back."""
-        await trio.lowlevel.checkpoint()
-        while trio.current_time() < peer.retry_at:
-            with trio.move_on_at(peer.retry_at):
-                await peer.revived.wait()
+        """Wait out the backoff of ``peer``, or until it shows it is back.
+
+        Failures noticed meanwhile (calls to the peer failing) do not
+        postpone the attempt: they only make the next wait longer.
+        """
+        with trio.move_on_at(peer.retry_at):
+            await peer.revived.wait()
 
     def _drain(self, recv: trio.MemoryReceiveChannel[Message], batch: list[Message]) -> None:
         limit = self.settings.max_batch_messages
