@@ -20,6 +20,7 @@ grpclib behaviours handled here:
 from __future__ import annotations
 
 import functools
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ import betterproto2
 import trio
 from grpclib.client import Channel
 from grpclib.client import Stream as ClientStream
+from h2.connection import ConnectionInputs
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from hyperframe.frame import DataFrame as H2DataFrame
@@ -365,6 +367,31 @@ def _sendable(stream: Any) -> Any | None:
     return h2_stream
 
 
+_H2_FRAME_HEADER = struct.Struct(">HBBBL")
+_H2_DATA = 0x0
+
+
+def write_data_frame(h2: Any, transport: Any, stream_id: int, data: bytes) -> None:
+    """``h2.send_data(stream_id, data)`` and a write of ``h2.data_to_send()``, minus h2's copies.
+
+    h2 copies a payload four times on its way out (frame body, frame, its
+    output buffer, the bytes it returns): about 0.9 ms per MiB on this
+    machine, mostly page faults on fresh buffers. This makes the state and
+    flow-control changes ``send_data`` makes, builds the 9-byte DATA frame
+    header itself, and copies the payload once, behind whatever h2 had
+    queued. The caller has checked the flow-control window and that the
+    payload fits in one frame.
+    """
+    size = len(data)
+    h2.state_machine.process_input(ConnectionInputs.SEND_DATA)
+    stream = h2.streams[stream_id]
+    stream.send_data(b"")  # the stream's own state machine; zero bytes counted
+    stream.outbound_flow_control_window -= size
+    h2.outbound_flow_control_window -= size
+    header = _H2_FRAME_HEADER.pack((size >> 8) & 0xFFFF, size & 0xFF, _H2_DATA, 0, stream_id)
+    transport.write(b"".join((h2.data_to_send(), header, data)))
+
+
 def send_now(stream: Any, data: bytes) -> bool:
     """Write one encoded gRPC message if grpclib could without waiting; else do nothing."""
     h2_stream = _sendable(stream)
@@ -379,11 +406,11 @@ def send_now(stream: Any, data: bytes) -> bool:
         return False
     frame_size = h2.max_outbound_frame_size
     if len(data) <= frame_size:
-        h2.send_data(stream_id, data)
+        write_data_frame(h2, h2_stream._transport, stream_id, data)
     else:
         for start in range(0, len(data), frame_size):
             h2.send_data(stream_id, data[start : start + frame_size])
-    h2_stream._transport.write(h2.data_to_send())
+        h2_stream._transport.write(h2.data_to_send())
     h2_stream.data_sent += len(data)
     connection = h2_stream.connection
     connection.data_sent += len(data)
