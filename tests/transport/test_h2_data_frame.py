@@ -1,15 +1,18 @@
-"""The data-frame write that skips h2's copies leaves h2 exactly as its own send_data would."""
+"""The DATA-frame paths that skip h2's copies behave exactly as h2's own."""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
+from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
+from hyperframe.frame import DataFrame, HeadersFrame, PingFrame
 
-from trio_dchan.transport._grpc import write_data_frame
+from trio_dchan.transport._grpc import _QuietFrameBuffer, write_data_frame
 
 
 class _Capture:
@@ -57,3 +60,54 @@ def test_same_bytes_and_state_as_h2_send_data(size: int) -> None:
     assert bytes(out.written) == expected
     assert _state(ours) == _state(theirs)
     assert ours.data_to_send() == b""
+
+
+def _frames(buffer: Any, wire: bytes, chunks: list[int]) -> list[tuple[Any, ...]]:
+    out = []
+    pos = 0
+    for size in [*chunks, len(wire)]:
+        buffer.add_data(wire[pos : pos + size])
+        pos += size
+        for frame in buffer:
+            out.append(
+                (
+                    frame.type,
+                    frame.stream_id,
+                    sorted(frame.flags),
+                    getattr(frame, "data", None),
+                    getattr(frame, "flow_controlled_length", None),
+                    frame.body_len,
+                )
+            )
+        if pos >= len(wire):
+            break
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_quick_data_frame_parsing_matches_h2(seed: int) -> None:
+    rng = random.Random(seed)
+    parts = []
+    for i in range(30):
+        kind = rng.choice(["data", "data", "padded", "ping", "headers"])
+        if kind == "ping":
+            parts.append(PingFrame(0, opaque_data=b"%08d" % i).serialize())
+        elif kind == "headers":
+            parts.append(HeadersFrame(3, data=b"\x82", flags=["END_HEADERS"]).serialize())
+        else:
+            frame = DataFrame(1 + 2 * rng.randrange(3), data=rng.randbytes(rng.randrange(0, 3000)))
+            if kind == "padded":
+                frame.flags.add("PADDED")
+                frame.pad_length = rng.randrange(0, 20)
+            if rng.random() < 0.2:
+                frame.flags.add("END_STREAM")
+            parts.append(frame.serialize())
+    wire = b"".join(parts)
+    chunks = [rng.randrange(1, 4000) for _ in range(len(wire) // 500)]
+    theirs, ours = FrameBuffer(), _QuietFrameBuffer()
+    for b in (theirs, ours):
+        b.max_frame_size = 16384
+    expected = _frames(theirs, wire, chunks)
+    got = _frames(ours, wire, chunks)
+    assert got == expected
+    assert len(got) == len(parts)

@@ -139,10 +139,39 @@ class _QuietDataFrame(H2DataFrame):
         return f"<{len(self.data)} bytes>"
 
 
+_PADDED = 0x08
+
+
 class _QuietFrameBuffer(FrameBuffer):
-    """h2's frame parser, handing out DATA frames as :class:`_QuietDataFrame`."""
+    """h2's frame parser, handing out DATA frames as :class:`_QuietDataFrame`.
+
+    A complete unpadded DATA frame is cut out of the buffer with one copy of
+    its payload (h2 copies it twice: a slice of its buffer, then the frame's
+    bytes); every other frame, and anything h2 must judge (a padded frame, a
+    frame inside a header block, a bad length or stream), goes h2's way.
+    """
 
     def __next__(self) -> Frame:
+        data = self._data
+        if len(data) >= 9 and data[3] == H2DataFrame.type and not data[4] & _PADDED:
+            length = int.from_bytes(data[0:3], "big")
+            stream_id = int.from_bytes(data[5:9], "big") & 0x7FFFFFFF
+            if (
+                len(data) >= 9 + length
+                and stream_id
+                and length <= self.max_frame_size
+                and not self._headers_buffer
+            ):
+                quick = _QuietDataFrame(stream_id)
+                quick.parse_flags(data[4])
+                view = memoryview(data)
+                try:
+                    quick.data = view[9 : 9 + length].tobytes()
+                finally:
+                    view.release()
+                quick.body_len = length
+                del data[: 9 + length]
+                return quick
         frame = super().__next__()
         if type(frame) is H2DataFrame:
             frame.__class__ = _QuietDataFrame
