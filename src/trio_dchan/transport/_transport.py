@@ -570,7 +570,7 @@ class GrpcTransport:
         replies), usually well before our backoff to it ends. Only the
         first sign of life in a run of failures cuts the backoff short: a
         peer that reaches us while we cannot reach it (a wrong address,
-        say) does not turn every call it makes into a retry.
+        say) costs one extra attempt, not one per call it makes.
         """
         peer = self._peers.get(node_id)
         if peer is None or not peer.failures or peer.revival_used:
