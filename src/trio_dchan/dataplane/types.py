@@ -67,7 +67,7 @@ class DataPlaneSettings:
     #: First and largest pause between attempts to open a link to a peer, or
     #: to propose a receiver registration.
     retry_backoff_min: float = 0.05
-    retry_backoff_max: float = 2.0
+    retry_backoff_max: float = 0.5
 
     def __post_init__(self) -> None:
         if self.max_frame_bytes < 8192:
