@@ -678,13 +678,18 @@ class _Inbox:
                     break
                 before = stream.granted.get(rid, 0)
                 stream.granted[rid] = before + given
-                stream.credit_out[rid] = stream.credit_out.get(rid, 0) + given
+                unsent = stream.credit_out.get(rid, 0) + given
+                stream.credit_out[rid] = unsent
                 self.granted_total += given
                 free -= given
-                if before < self.chunk:
-                    # The sender may be about to run dry: tell it now. Otherwise
-                    # it holds credit or has messages on the way, whose ack
-                    # will carry this grant without a frame of its own.
+                if before < self.chunk or 2 * unsent >= self.capacity:
+                    # The sender may be about to run dry, or half of this
+                    # receiver's room waits here: tell it now. Otherwise it
+                    # holds credit or has messages on the way, whose ack will
+                    # carry this grant without a frame of its own (an ack
+                    # comes once per frame, and waiting for it kept up to a
+                    # frame's worth of credit from the sender: 20% less
+                    # throughput with exact buffers).
                     stream.urgent = True
                     stream.kick()
                 if unmet > given:
