@@ -47,6 +47,7 @@ class _Demo:
     received: Counter[str] = field(default_factory=Counter)
     seen: set[tuple[int, int]] = field(default_factory=set)
     duplicates: int = 0
+    receivers_closed: int = 0
     all_up: trio.Event = field(default_factory=trio.Event)
     stop_producing: trio.Event = field(default_factory=trio.Event)
     drained: trio.Event = field(default_factory=trio.Event)
@@ -79,7 +80,10 @@ async def _node(demo: _Demo, address: str) -> None:
             consumer.cancel()
             await rx.aclose()
         # Everyone stays up until every receiver is closed, so that each
-        # unregistration still finds a quorum.
+        # unregistration still finds a quorum (and its leader).
+        demo.receivers_closed += 1
+        if demo.receivers_closed == len(demo.addresses):
+            demo.stop_nodes.set()
         await demo.stop_nodes.wait()
 
 
@@ -153,7 +157,6 @@ async def _run_demo(seconds: float, producers: int, nodes: int) -> dict[str, obj
                 demo.drained.set()
             await demo.drained.wait()
         sys.stdout.write(_progress(demo, produced_for, demo.total_received / produced_for) + "\n")
-        demo.stop_nodes.set()
     ok = demo.duplicates == 0 and demo.total_received == demo.total_sent
     shares = [demo.received[a] for a in addresses]
     return {
