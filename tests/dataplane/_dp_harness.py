@@ -14,8 +14,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
+import trio.testing
 
-from trio_dchan.dataplane import DataLink, DataPlane, DataPlaneSettings, memory_link_pair
+from trio_dchan.dataplane import (
+    DataLink,
+    DataPlane,
+    DataPlaneSettings,
+    DistributedReceiveChannel,
+    memory_link_pair,
+)
 from trio_dchan.raft.types import Entry
 from trio_dchan.registry import Registry
 
@@ -26,6 +33,18 @@ FAST = DataPlaneSettings(
     retry_backoff_min=0.01,
     retry_backoff_max=0.05,
 )
+
+
+async def all_registered(*channels: DistributedReceiveChannel) -> None:
+    """Wait (bounded) until every receiver's registration has committed."""
+    with trio.fail_after(5):
+        for ch in channels:
+            await ch.wait_registered()
+
+
+async def settle() -> None:
+    """Wait until every task is blocked: what can happen now has happened."""
+    await trio.testing.wait_all_tasks_blocked(cushion=0.001)
 
 
 class Cluster:

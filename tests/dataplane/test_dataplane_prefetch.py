@@ -7,26 +7,16 @@ import dataclasses
 import pytest
 import trio
 import trio.testing
-from _dp_harness import FAST, open_cluster
+from _dp_harness import FAST, all_registered, open_cluster, settle
 
-from trio_dchan.dataplane import DistributedReceiveChannel, Outcome
-
-
-async def _registered(*channels: DistributedReceiveChannel) -> None:
-    with trio.fail_after(5):
-        for ch in channels:
-            await ch.wait_registered()
-
-
-async def _settle() -> None:
-    await trio.testing.wait_all_tasks_blocked(cushion=0.001)
+from trio_dchan.dataplane import Outcome
 
 
 @pytest.mark.parametrize("buffer", [0, 8])
 async def test_a_receiver_holds_at_most_buffer_plus_prefetch(buffer: int) -> None:
     async with open_cluster(2) as cluster:
         rx = cluster.planes["n1"].receive("jobs", buffer=buffer, prefetch=24)
-        await _registered(rx)
+        await all_registered(rx)
         tx = cluster.planes["n0"].send("jobs")
         accepted = 0
         offered = 200
@@ -39,7 +29,7 @@ async def test_a_receiver_holds_at_most_buffer_plus_prefetch(buffer: int) -> Non
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(produce)
-            await _settle()
+            await settle()
             # Nobody reads: the sender got credit for the buffer and the
             # prefetch, no more, and blocks.
             held = buffer + 24
@@ -66,25 +56,25 @@ async def test_a_receiver_holds_at_most_buffer_plus_prefetch(buffer: int) -> Non
 async def test_prefetched_messages_are_handed_off_on_close() -> None:
     async with open_cluster(3) as cluster:
         first = cluster.planes["n1"].receive("work", buffer=4, prefetch=12)
-        await _registered(first)
+        await all_registered(first)
         tx = cluster.planes["n0"].send("work")
         receipts = []
         with trio.fail_after(5):
             for i in range(16):
                 receipts.append(await tx.send_tracked(i))
-        await _settle()
+        await settle()
         assert first.statistics().current_buffer_used == 16
         # A prefetched message is in the receiving node's hands: delivered.
         for receipt in receipts:
             assert await receipt.delivered()
             assert receipt.outcome is Outcome.DELIVERED
         second = cluster.planes["n2"].receive("work", buffer=16)
-        await _registered(second)
+        await all_registered(second)
         with trio.fail_after(10):
             await first.aclose()
         stats = first.statistics()
         assert (stats.handed_off, stats.dropped) == (16, 0)
-        await _settle()
+        await settle()
         got = [second.receive_nowait() for _ in range(16)]
         assert sorted(got) == list(range(16))
         await tx.aclose()
@@ -95,7 +85,7 @@ async def test_prefetch_bounds_what_all_sending_nodes_together_send() -> None:
     settings = dataclasses.replace(FAST, credit_window=1000)
     async with open_cluster(3, settings=settings) as cluster:
         rx = cluster.planes["n2"].receive("shared", buffer=2, prefetch=10)
-        await _registered(rx)
+        await all_registered(rx)
         senders = [cluster.planes[n].send("shared") for n in ("n0", "n1")]
         accepted = [0, 0]
 
@@ -107,7 +97,7 @@ async def test_prefetch_bounds_what_all_sending_nodes_together_send() -> None:
         async with trio.open_nursery() as nursery:
             for k in range(2):
                 nursery.start_soon(produce, k)
-            await _settle()
+            await settle()
             # However many sending nodes want it, the receiver's node hands
             # out no more than its 12 places.
             assert sum(accepted) == 12

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from _dp_harness import FAST, open_cluster
+from _dp_harness import FAST, open_cluster, settle
 
 from trio_dchan import codec
 from trio_dchan.dataplane import (
@@ -26,10 +26,6 @@ from trio_dchan.dataplane import (
 )
 from trio_dchan.dataplane import _frames as fr
 from trio_dchan.registry import RegisterReceiver, encode_command
-
-
-async def _settle() -> None:
-    await trio.testing.wait_all_tasks_blocked(cushion=0.001)
 
 
 async def _records(link: Any) -> list[Any]:
@@ -164,7 +160,7 @@ async def test_garbage_frames_fail_that_stream_only(garbage: bytes) -> None:
 
             nursery.start_soon(serve)
             await ours.send_frame(garbage)
-            await _settle()
+            await settle()
             assert len(errors) == 1
             with pytest.raises(trio.EndOfChannel):
                 await ours.receive_frame()

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
-from _dp_harness import FAST, open_cluster
+from _dp_harness import FAST, all_registered, open_cluster, settle
 
 from trio_dchan.codec import EncodeError
 from trio_dchan.dataplane import (
@@ -21,21 +21,11 @@ from trio_dchan.dataplane import (
 )
 
 
-async def _registered(*channels: DistributedReceiveChannel) -> None:
-    with trio.fail_after(5):
-        for ch in channels:
-            await ch.wait_registered()
-
-
-async def _settle() -> None:
-    await trio.testing.wait_all_tasks_blocked(cushion=0.001)
-
-
 async def test_many_to_many_exactly_once_with_fair_shares() -> None:
     total = 10_000
     async with open_cluster(3, seed=7) as cluster:
         receivers = [cluster.planes[f"n{i}"].receive("orders", buffer=32) for i in range(3)]
-        await _registered(*receivers)
+        await all_registered(*receivers)
         senders = [cluster.planes[n].send("orders") for n in ("n0", "n1")]
         got: dict[str, list[Any]] = {r.receiver_id: [] for r in receivers}
         receipts: list[Any] = []
@@ -92,7 +82,7 @@ async def test_backpressure_is_bounded_and_another_receiver_unblocks() -> None:
     settings = dataclasses.replace(FAST, credit_window=16)
     async with open_cluster(3, settings=settings) as cluster:
         stuck = cluster.planes["n1"].receive("jobs", buffer=8)  # never reads
-        await _registered(stuck)
+        await all_registered(stuck)
         tx = cluster.planes["n0"].send("jobs")
         accepted = 0
         offered = 200
@@ -105,7 +95,7 @@ async def test_backpressure_is_bounded_and_another_receiver_unblocks() -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(produce)
-            await _settle()
+            await settle()
             # Only the receiver's free space was granted: exactly its buffer.
             assert accepted == 8
             stats = tx.statistics()
@@ -147,7 +137,7 @@ async def test_no_receiver_blocks_send_until_one_registers() -> None:
                 done.set()
 
             nursery.start_soon(send_one)
-            await _settle()
+            await settle()
             assert not done.is_set()
             rx = cluster.planes["n1"].receive("later")
             with trio.fail_after(5):
@@ -160,7 +150,7 @@ async def test_no_receiver_blocks_send_until_one_registers() -> None:
 async def test_sender_buffer_accepts_without_credit_and_aclose_waits_for_drain() -> None:
     async with open_cluster(2) as cluster:
         rx = cluster.planes["n1"].receive("drain", buffer=5)
-        await _registered(rx)
+        await all_registered(rx)
         tx = cluster.planes["n0"].send("drain", buffer=50)
         with trio.fail_after(5):
             for i in range(55):  # 5 against credit, 50 wait in the sender's buffer
@@ -175,7 +165,7 @@ async def test_sender_buffer_accepts_without_credit_and_aclose_waits_for_drain()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(close)
-            await _settle()
+            await settle()
             assert not closed.is_set()  # 50 accepted messages are not delivered yet
             assert tx.statistics().outstanding == 50
             got = []
@@ -193,22 +183,22 @@ async def test_sender_buffer_accepts_without_credit_and_aclose_waits_for_drain()
 async def test_receiver_close_hands_buffer_to_another_receiver() -> None:
     async with open_cluster(3) as cluster:
         first = cluster.planes["n1"].receive("work", buffer=10)
-        await _registered(first)
+        await all_registered(first)
         tx = cluster.planes["n0"].send("work")
         with trio.fail_after(5):
             for i in range(10):
                 await tx.send(i)
-        await _settle()
+        await settle()
         assert first.statistics().current_buffer_used == 10
         second = cluster.planes["n2"].receive("work", buffer=20)
-        await _registered(second)
+        await all_registered(second)
         with trio.fail_after(10):
             await first.aclose()
         # Unregistration committed before aclose returned, and the buffer moved over.
         assert all(r.receiver_id != first.receiver_id for r in cluster.registry.receivers("work"))
         stats = first.statistics()
         assert (stats.handed_off, stats.dropped) == (10, 0)
-        await _settle()
+        await settle()
         assert second.statistics().current_buffer_used == 10
         got = [second.receive_nowait() for _ in range(10)]
         assert sorted(got) == list(range(10))
@@ -226,12 +216,12 @@ async def test_receiver_close_with_nobody_else_drops_after_the_handoff_timeout()
     settings = dataclasses.replace(FAST, handoff_timeout=0.2)
     async with open_cluster(2, settings=settings) as cluster:
         rx = cluster.planes["n1"].receive("lonely", buffer=4)
-        await _registered(rx)
+        await all_registered(rx)
         tx = cluster.planes["n0"].send("lonely")
         with trio.fail_after(5):
             for i in range(4):
                 await tx.send(i)
-        await _settle()
+        await settle()
         with trio.fail_after(10):
             await rx.aclose()
         assert (rx.statistics().handed_off, rx.statistics().dropped) == (0, 4)
@@ -244,7 +234,7 @@ async def test_messages_in_flight_to_a_closing_receiver_are_retried_elsewhere() 
     async with open_cluster(3, seed=3) as cluster:
         a = cluster.planes["n1"].receive("move", buffer=64)
         b = cluster.planes["n2"].receive("move", buffer=64)
-        await _registered(a, b)
+        await all_registered(a, b)
         tx = cluster.planes["n0"].send("move")
         got: list[int] = []
         total = 2000
@@ -288,7 +278,7 @@ async def test_tracked_sends() -> None:
         assert await receipt.delivered() is False
         assert receipt.outcome is Outcome.NO_RECEIVER
         rx = cluster.planes["n1"].receive("track", buffer=1)
-        await _registered(rx)
+        await all_registered(rx)
         receipt = await tx.send_tracked("one", timeout=5)
         assert await receipt.delivered() is True
         assert receipt.receiver_id == rx.receiver_id
@@ -307,7 +297,7 @@ async def test_a_delivered_message_never_reports_false() -> None:
     # what was actually received.
     async with open_cluster(2, seed=11) as cluster:
         rx = cluster.planes["n1"].receive("race", buffer=2)
-        await _registered(rx)
+        await all_registered(rx)
         tx = cluster.planes["n0"].send("race", buffer=3)
         receipts = {}
         received: list[int] = []
@@ -348,7 +338,7 @@ async def test_encode_errors_and_oversized_messages_raise_at_send() -> None:
     settings = DataPlaneSettings(max_frame_bytes=16 * 1024, retry_backoff_min=0.01)
     async with open_cluster(2, settings=settings) as cluster:
         rx = cluster.planes["n1"].receive("sizes", buffer=4)
-        await _registered(rx)
+        await all_registered(rx)
         tx = cluster.planes["n0"].send("sizes")
         with pytest.raises(EncodeError):
             await tx.send(object())
@@ -369,7 +359,7 @@ async def test_local_receiver_is_served_by_the_same_rules() -> None:
     async with open_cluster(1) as cluster:
         plane = cluster.planes["n0"]
         rx = plane.receive("here", buffer=3)
-        await _registered(rx)
+        await all_registered(rx)
         tx = plane.send("here")
         with trio.fail_after(5):
             for i in range(3):
@@ -377,7 +367,7 @@ async def test_local_receiver_is_served_by_the_same_rules() -> None:
         with trio.move_on_after(0.05) as scope:
             await tx.send("blocked")
         assert scope.cancelled_caught
-        await _settle()
+        await settle()
         assert [rx.receive_nowait() for _ in range(3)] == [0, 1, 2]
         await tx.aclose()
         await rx.aclose()
@@ -387,7 +377,7 @@ async def test_data_plane_close_breaks_senders_and_ends_receivers() -> None:
     async with open_cluster(2) as cluster:
         plane = cluster.planes["n0"]
         rx = plane.receive("bye")
-        await _registered(rx)
+        await all_registered(rx)
         tx = plane.send("nobody-here")
         results: list[BaseException] = []
 
@@ -406,7 +396,7 @@ async def test_data_plane_close_breaks_senders_and_ends_receivers() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(blocked_send)
             nursery.start_soon(blocked_receive)
-            await _settle()
+            await settle()
             with trio.fail_after(10):
                 await plane.aclose()
         assert sorted(type(e).__name__ for e in results) == [
@@ -423,7 +413,7 @@ async def test_data_plane_close_breaks_senders_and_ends_receivers() -> None:
 async def test_cancelled_tracked_send_sends_nothing_and_statistics_add_up() -> None:
     async with open_cluster(2) as cluster:
         rx = cluster.planes["n1"].receive("stats", buffer=1)
-        await _registered(rx)
+        await all_registered(rx)
         with cluster.planes["n0"].send("stats") as tx:
             first = await tx.send_tracked("a", timeout=5)
             with trio.move_on_after(0.02) as scope:
@@ -431,7 +421,7 @@ async def test_cancelled_tracked_send_sends_nothing_and_statistics_add_up() -> N
             assert scope.cancelled_caught
             assert await first.delivered() is True
         assert tx.statistics().outstanding == 0
-        await _settle()
+        await settle()
         assert rx.receive_nowait() == "a"
         with pytest.raises(trio.WouldBlock):
             rx.receive_nowait()

@@ -12,18 +12,12 @@ import dataclasses
 
 import trio
 import trio.testing
-from _dp_harness import FAST, open_cluster
+from _dp_harness import FAST, all_registered, open_cluster
 
-from trio_dchan.dataplane import DistributedReceiveChannel, Outcome
+from trio_dchan.dataplane import Outcome
 from trio_dchan.registry import UnregisterNode, encode_command
 
 SETTINGS = dataclasses.replace(FAST, unregister_timeout=2.0, handoff_timeout=3.0)
-
-
-async def _registered(*channels: DistributedReceiveChannel) -> None:
-    with trio.fail_after(5):
-        for ch in channels:
-            await ch.wait_registered()
 
 
 async def test_receiver_close_is_bounded_and_its_messages_go_elsewhere(
@@ -33,7 +27,7 @@ async def test_receiver_close_is_bounded_and_its_messages_go_elsewhere(
         n0, n1 = cluster.planes["n0"], cluster.planes["n1"]
         gone = n1.receive("jobs", buffer=4)
         other = n0.receive("jobs", buffer=64)
-        await _registered(gone, other)
+        await all_registered(gone, other)
         tx = n0.send("jobs")
         # Fill the receiver that is about to close.
         early = 0
@@ -87,7 +81,7 @@ async def test_data_plane_aclose_is_bounded_without_a_quorum(
     async with open_cluster(2, settings=SETTINGS, seed=12) as cluster:
         n0, n1 = cluster.planes["n0"], cluster.planes["n1"]
         receivers = [n1.receive(ns, buffer=8) for ns in ("a", "b", "c")]
-        await _registered(*receivers)
+        await all_registered(*receivers)
         pending = n1.receive("late", buffer=1)  # its registration never commits
         cluster.stalled = True
         tx = n0.send("a")
