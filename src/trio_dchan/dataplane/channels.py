@@ -25,7 +25,6 @@ import trio
 from outcome import Error
 from trio.lowlevel import enable_ki_protection
 
-from ..codec import encode as _encode
 from .types import Outcome, Receipt, ReceiveChannelStatistics, SendChannelStatistics
 
 if TYPE_CHECKING:
@@ -124,12 +123,9 @@ class DistributedSendChannel(trio.abc.SendChannel[Any]):
         buffer has). Cancelled, it sent nothing.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        plane = self._plane
-        if self._closed or plane._closing:
+        if self._closed or self._plane._closing:
             self._check()
-        encoded = _encode(value)
-        if len(encoded) > plane.max_message_bytes:
-            plane.refuse_size(len(encoded))
+        encoded = self._plane.encode(value)
         # The common case, inline: a receiver has credit.
         if self._ns.place(encoded, self._owner, None):
             await trio.lowlevel.cancel_shielded_checkpoint()

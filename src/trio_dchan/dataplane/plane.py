@@ -30,7 +30,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 from outcome import Error, Value
@@ -214,22 +214,8 @@ class _NsSender:
         """Accept a message against a receiver's credit; False if nobody has any."""
         if self.waiting and not self._drain_waiting():
             return False
-        # The common case inline (this runs once per message): the next
-        # receiver in turn has credit.
-        slots = self.slots
-        if slots:
-            slot = slots[self.rr]
-            if slot.credit:
-                slot.credit -= 1
-                self.rr += 1
-                if self.rr == len(slots):
-                    self.rr = 0
-            else:
-                found = self._pick()
-                if found is None:
-                    return False
-                slot = found
-        else:
+        slot = self._pick()
+        if slot is None:
             return False
         self.queued += 1
         owner.outstanding += 1
@@ -1007,16 +993,12 @@ class DataPlane:
         """Encode one message in the caller's task; raise if it cannot be sent."""
         encoded = codec.encode(value)
         if len(encoded) > self.max_message_bytes:
-            self.refuse_size(len(encoded))
+            raise MessageTooLargeError(
+                f"the message encodes to {len(encoded)} bytes; at most "
+                f"{self.max_message_bytes} fit in one frame (settings.max_frame_bytes="
+                f"{self.settings.max_frame_bytes})"
+            )
         return encoded
-
-    def refuse_size(self, size: int) -> NoReturn:
-        """Raise the error for a message that encodes to ``size`` bytes, too many for a frame."""
-        raise MessageTooLargeError(
-            f"the message encodes to {size} bytes; at most "
-            f"{self.max_message_bytes} fit in one frame (settings.max_frame_bytes="
-            f"{self.settings.max_frame_bytes})"
-        )
 
     def statistics(self) -> dict[str, NamespaceStatistics]:
         """Per-namespace totals of this node (sending and receiving side)."""

@@ -84,13 +84,7 @@ async def _recv(h2_stream: Any, recv_type: type[M], limit: int) -> M | None:
     prefix = await h2_stream.recv_data(5)
     if not prefix:
         return None
-    if len(prefix) != 5:
-        raise PeerProtocolError("truncated gRPC message prefix")
-    if prefix[0] != 0:
-        raise PeerProtocolError("compressed gRPC messages are not supported")
-    size = int.from_bytes(prefix[1:5], "big")
-    if size > limit:
-        raise MessageTooLarge(size, limit)
+    size = parse_prefix(prefix, limit)
     body = await h2_stream.recv_data(size) if size else b""
     if len(body) != size:
         raise PeerProtocolError("truncated gRPC message")
@@ -525,17 +519,14 @@ class Wakeup:
     extra scheduling round in between.
     """
 
-    __slots__ = ("_done", "_task")
+    __slots__ = ("_task",)
 
     def __init__(self, task: trio.lowlevel.Task) -> None:
+        #: The waiting task; ``None`` once it was woken or stopped waiting.
         self._task: trio.lowlevel.Task | None = task
-        self._done = False
 
     def done(self) -> bool:
-        return self._done
-
-    def cancelled(self) -> bool:
-        return False
+        return self._task is None
 
     def set_result(self, result: object) -> None:
         self._wake()
@@ -547,7 +538,6 @@ class Wakeup:
     def detach(self) -> None:
         """The task stopped waiting: wake nobody."""
         self._task = None
-        self._done = True
 
     def abort(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
         """``wait_task_rescheduled``'s abort function: a cancelled task is woken only once."""
@@ -555,12 +545,10 @@ class Wakeup:
         return trio.lowlevel.Abort.SUCCEEDED
 
     def _wake(self) -> None:
-        if not self._done:
-            self._done = True
-            task = self._task
+        task = self._task
+        if task is not None:
             self._task = None
-            if task is not None:
-                trio.lowlevel.reschedule(task)
+            trio.lowlevel.reschedule(task)
 
 
 def data_waiter(stream: Any, task: trio.lowlevel.Task) -> Wakeup | None:
