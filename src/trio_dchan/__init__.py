@@ -25,6 +25,7 @@ from .dataplane import (
     SendChannelStatistics,
 )
 from .errors import CodecError, DchanError, DecodeError, EncodeError, RegistrationError
+from .raft.errors import UnknownNode
 from .raft.node import RaftSettings
 from .transport import TransportSettings
 
@@ -52,6 +53,7 @@ __all__ = [
     "SendChannelStatistics",
     "Settings",
     "TransportSettings",
+    "UnknownNode",
     "__version__",
     "open_cluster",
     "register",

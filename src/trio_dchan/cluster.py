@@ -174,6 +174,31 @@ class Cluster:
         """
         self._leave = True
 
+    async def remove_node(self, node_id: NodeId) -> None:
+        """Remove another node, one that is gone for good, from the cluster.
+
+        A node that crashed stays a member (it may come back from its
+        ``data_dir``), and so do its receivers: senders route around them
+        while the node cannot be reached, but they still count as receivers
+        (a tracked send reports ``TIMED_OUT``, not ``NO_RECEIVER``) and the
+        node still counts towards the quorum. Removing it commits a
+        membership change through Raft (from any node; it needs a majority
+        of the current members) that also unregisters all its receivers.
+        Returns once the change is applied on this node and its senders no
+        longer count those receivers.
+
+        Only for a node that is not running: a running node removed this way
+        can no longer talk to the cluster. A node that wants to go calls
+        :meth:`leave` itself.
+        """
+        if node_id == self._node_id:
+            raise ValueError("a node removes itself with cluster.leave()")
+        if node_id not in self._node.members.members:
+            raise UnknownNode(node_id)
+        await self._node.remove_node(node_id)
+        await self._node.wait_for(lambda node: node_id not in node.members.members)
+        await self._plane.wait_routed()
+
     def _status(self) -> NodeStatus:
         conf = self._node.members
         return NodeStatus(

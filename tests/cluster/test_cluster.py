@@ -333,3 +333,44 @@ async def test_restart_removes_the_receivers_of_the_earlier_run(tmp_path: Any) -
         await lc.wait_up(victim)
         await other.raft.wait_for(lambda n: n.applied_index >= lc[victim].raft.applied_index)
         assert other._plane.registry.receivers("stale") == ()
+
+
+async def test_removing_a_dead_node_unregisters_its_receivers() -> None:
+    async with local_cluster(3, seed=10) as lc:
+        a, b, c = (lc[addr] for addr in lc.addresses)
+        gone = c.node_id
+        rx = c.receive("orphans", buffer=4)
+        await rx.wait_registered()
+        await a.raft.wait_for(lambda n: n.applied_index >= c.raft.applied_index)
+        await lc.kill(gone)  # crashed: its receiver stays registered
+        async with a.send("orphans", buffer=8) as tx:
+            # The receiver exists but cannot be reached: a timeout, not "no receiver".
+            receipt = await tx.send_tracked("lost", timeout=0.3)
+            assert not await receipt.delivered()
+            assert receipt.outcome is trio_dchan.Outcome.TIMED_OUT
+            # Accepted into the channel's buffer, waiting for a receiver with room.
+            await tx.send("waits")
+            with pytest.raises(ValueError, match="leave"):
+                await a.remove_node(a.node_id)
+            await a.remove_node(gone)
+            assert gone not in a.members.members
+            assert tx.statistics().receivers == 0
+            await b.raft.wait_for(lambda n: gone not in n.members.members)
+            with pytest.raises(trio_dchan.UnknownNode):
+                await b.remove_node(gone)
+            receipt = await tx.send_tracked("nobody", timeout=0.3)
+            assert not await receipt.delivered()
+            assert receipt.outcome is trio_dchan.Outcome.NO_RECEIVER
+            # A receiver registering now gets what waited, then new messages.
+            fresh = b.receive("orphans", buffer=4)
+            with trio.fail_after(STEP):
+                await fresh.wait_registered()
+                receipt = await tx.send_tracked("after")
+                assert await receipt.delivered()
+                assert [await fresh.receive(), await fresh.receive()] == ["waits", "after"]
+        await fresh.aclose()
+        # The two remaining nodes are the whole cluster: a majority of two commits.
+        late = a.receive("later", buffer=1)
+        with trio.fail_after(STEP):
+            await late.wait_registered()
+        await late.aclose()

@@ -803,6 +803,9 @@ class DataPlane:
         self._pending = 0
         self._idle: trio.Event | None = None
         self._expiry_wake = trio.Event()
+        #: The Registry version the routing tables follow, and its change signal.
+        self._routed_version = -1
+        self._routed = trio.Event()
         self._next_rid = 0
         self._stack: AsyncExitStack | None = None
         self.max_message_bytes = self.settings.max_frame_bytes - _RESERVE
@@ -827,6 +830,7 @@ class DataPlane:
             self._closing = True
             self._abandon()
             self._closed.set()
+            self._routed.set()
 
     async def __aenter__(self) -> DataPlane:
         stack = AsyncExitStack()
@@ -1039,6 +1043,15 @@ class DataPlane:
                     inbox.registered_event.set()
                 elif not present:
                     inbox.registered = False
+            self._routed_version = seen
+            self._routed.set()
+            self._routed = trio.Event()
+
+    async def wait_routed(self) -> None:
+        """Wait until routing follows every Registry change applied so far (or the plane ended)."""
+        version = self.registry.version
+        while self._routed_version < version and not self._closed.is_set():
+            await self._routed.wait()
 
     def _kick_expiry(self) -> None:
         self._expiry_wake.set()
