@@ -22,7 +22,10 @@ process with another library, since trio-asyncio changes the loop policy):
   processes); and the gRPC data link alone (two processes running only the
   transport, one frame bounced back and forth): the round trip the data
   plane itself cannot go below. Every baseline carries the same values, encoded with cbor2
-  where it crosses a process boundary (the memory channel passes objects).
+  where it crosses a process boundary (the memory channel passes objects);
+* the floor: one Trio checkpoint (each ``send()`` and ``receive()`` is one)
+  plus encoding or decoding one message, timed alone; its inverse is the
+  ceiling of any Trio channel across processes that did nothing else.
 
 Throughput = messages / (time the receiver got the last one - time the sender
 started), both read from the machine's wall clock. Run:
@@ -117,6 +120,62 @@ def child_memchan(count: int) -> None:
         )
 
     trio.run(main)
+
+
+# ----------------------------------------------------------------- the floor --
+
+
+def child_floor(count: int) -> None:
+    """What any Trio channel between two processes pays per message at least.
+
+    Every ``send()`` and every ``receive()`` is a Trio checkpoint (the rule
+    memory channels follow), which costs one pass of Trio's scheduler; measured
+    here with an asyncio loop open, as in a node. Add the codec: encoding a
+    message on one side, decoding it (in a batch of 256) on the other. The
+    slower side bounds the rate of a design that did nothing else.
+    """
+    import trio
+    import trio_asyncio
+
+    from trio_dchan import codec
+
+    values = [small(i) for i in range(BUFFER)]
+    batch = codec.join_encoded([codec.encode(v) for v in values])
+
+    def per_call(fn: Any, reps: int) -> float:
+        best = float("inf")
+        for _ in range(5):
+            start = time.process_time()
+            for _ in range(reps):
+                fn()
+            best = min(best, (time.process_time() - start) / reps)
+        return best
+
+    async def main() -> None:
+        async with trio_asyncio.open_loop():
+            checkpoint = trio.lowlevel.cancel_shielded_checkpoint
+            start = time.process_time()
+            for _ in range(count):
+                await checkpoint()
+            pass_s = (time.process_time() - start) / count
+        encode_s = per_call(lambda: codec.encode(values[7]), count // 5)
+        decode_s = per_call(lambda: codec.decode_batch(batch), count // (5 * BUFFER)) / BUFFER
+        emit(kind="result", checkpoint=pass_s, encode=encode_s, decode=decode_s)
+
+    trio.run(main)
+
+
+def run_floor(count: int) -> dict[str, float]:
+    child = Child("floor", str(count))
+    result = child.next("result")
+    child.wait()
+    side = max(result["checkpoint"] + result["encode"], result["checkpoint"] + result["decode"])
+    return {
+        "checkpoint_us": result["checkpoint"] * 1e6,
+        "encode_us": result["encode"] * 1e6,
+        "decode_us": result["decode"] * 1e6,
+        "ceiling": 1.0 / side,
+    }
 
 
 # ------------------------------------------------------------------ raw TCP --
@@ -763,6 +822,8 @@ def child_main(role: str, args: list[str]) -> None:
 def _child_main(role: str, args: list[str]) -> None:
     if role == "memchan":
         child_memchan(int(args[0]))
+    elif role == "floor":
+        child_floor(int(args[0]))
     elif role == "tcp-recv":
         child_tcp_recv(int(args[0]))
     elif role == "tcp-send":
@@ -824,6 +885,13 @@ def main() -> None:
         f"(waiting for a CPU {memchan_wait:.0%} of the time)",
         flush=True,
     )
+    floor = run_floor(counts["small"])
+    print(
+        f"floor per message: one Trio checkpoint {floor['checkpoint_us']:.2f} us, cbor2 encode "
+        f"{floor['encode_us']:.2f} us, decode {floor['decode_us']:.2f} us; a two-process Trio "
+        f"channel doing nothing else tops out at {floor['ceiling']:,.0f} msgs/s",
+        flush=True,
+    )
     tcp = run_tcp(counts, pings)
     print(
         f"raw trio TCP, batched cbor2:    {tcp['small']:>10,.0f} msgs/s small, "
@@ -872,6 +940,10 @@ def main() -> None:
 
     figures: dict[str, Any] = {
         "memchan_small_msgs_per_s": round(memchan),
+        "floor_checkpoint_us": round(floor["checkpoint_us"], 2),
+        "floor_encode_us": round(floor["encode_us"], 2),
+        "floor_decode_us": round(floor["decode_us"], 2),
+        "ceiling_msgs_per_s": round(floor["ceiling"]),
         "tcp_small_msgs_per_s": round(tcp["small"]),
         "tcp_4k_msgs_per_s": round(tcp["big"]),
         "tcp_pingpong_p50_us": round(tcp["ping_p50_s"] * 1e6, 1),
@@ -906,6 +978,9 @@ def main() -> None:
         "small_vs_memchan": dc["small"] / memchan,
         "small_vs_zmq": dc["small"] / zmq["small"],
         "small_vs_tcp": dc["small"] / tcp["small"],
+        "small_vs_ceiling": dc["small"] / floor["ceiling"],
+        "ceiling_vs_memchan": floor["ceiling"] / memchan,
+        "ceiling_vs_zmq": floor["ceiling"] / zmq["small"],
         "4k_vs_zmq": dc["big"] / zmq["big"],
         "small_prefetch_vs_memchan": dc["small_prefetch"] / memchan,
         "small_prefetch_vs_zmq": dc["small_prefetch"] / zmq["small"],
