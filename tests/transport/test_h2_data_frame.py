@@ -12,7 +12,7 @@ from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from hyperframe.frame import DataFrame, HeadersFrame, PingFrame
 
-from trio_dchan.transport._grpc import _QuietFrameBuffer, write_data_frame
+from trio_dchan.transport._grpc import _QuietFrameBuffer, take_view, write_data_frame
 
 
 class _Capture:
@@ -111,3 +111,41 @@ def test_quick_data_frame_parsing_matches_h2(seed: int) -> None:
     got = _frames(ours, wire, chunks)
     assert got == expected
     assert len(got) == len(parts)
+
+
+def _drive(coro: Any) -> Any:
+    """Run a grpclib buffer read that has its bytes queued (it never suspends)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    raise AssertionError("the read suspended")
+
+
+def test_take_view_hands_out_the_rest_of_a_data_frame_without_copying() -> None:
+    from types import SimpleNamespace
+
+    from grpclib.protocol import Buffer
+
+    acked: list[int] = []
+    buffer = Buffer(acked.append)
+    stream = SimpleNamespace(_stream=SimpleNamespace(buffer=buffer))
+    # Two gRPC messages in one DATA frame, a third in the next one.
+    one, two, three = (
+        b"\x00\x00\x00\x00\x03abc",
+        b"\x00\x00\x00\x00\x02de",
+        b"\x00\x00\x00\x00\x01f",
+    )
+    buffer.add(one + two, len(one + two))
+    buffer.add(three, len(three))
+    assert _drive(buffer.read(5)) == one[:5]
+    body = take_view(stream, 3)
+    assert isinstance(body, memoryview)
+    assert body == b"abc"
+    assert _drive(buffer.read(5)) == two[:5]
+    assert take_view(stream, 2) == b"de"  # the last of the first frame
+    assert take_view(stream, 5) is None  # the third frame is not taken yet: nothing read
+    assert _drive(buffer.read(6)) == three
+    assert take_view(stream, 1) is None
+    assert acked == [len(one + two), len(three)]
+    assert buffer._acked_size == 0

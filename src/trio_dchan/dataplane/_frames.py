@@ -64,7 +64,7 @@ class Batch:
     first_seq: int
     count: int
     rid: str
-    #: A view into the frame (decoding reads it in place, without a copy).
+    #: A view into the frame (no copy until the codec takes it).
     payload: memoryview
 
 
@@ -112,16 +112,16 @@ def ack(upto: int) -> bytes:
     return _ACK.pack(ACK, upto)
 
 
-def _rid(data: bytes, start: int, size: int) -> str:
+def _rid(data: bytes | memoryview, start: int, size: int) -> str:
     if start + size > len(data):
         raise PeerProtocolError("record truncated in its receiver id")
     try:
-        return data[start : start + size].decode("utf-8")
+        return str(data[start : start + size], "utf-8")
     except UnicodeDecodeError:
         raise PeerProtocolError("receiver id is not valid UTF-8") from None
 
 
-def parse(frame: bytes, allowed: frozenset[int]) -> Iterator[Record]:
+def parse(frame: bytes | memoryview, allowed: frozenset[int]) -> Iterator[Record]:
     """Yield the records of ``frame``; :class:`PeerProtocolError` on anything malformed.
 
     ``allowed`` is the set of record kinds valid in this direction.

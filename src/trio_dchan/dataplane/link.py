@@ -26,16 +26,22 @@ __all__ = ["DataLink", "DataPlaneHandler", "MemoryLink", "memory_link_pair"]
 class DataLink(Protocol):
     """One stream between this node and a peer; frames are opaque bytes."""
 
-    async def send_frame(self, frame: bytes | list[bytes]) -> None:
+    async def send_frame(self, frame: bytes | memoryview | list[bytes]) -> None:
         """Send one frame; raises if the stream is broken or closed.
 
         A list is one frame given in pieces (their concatenation), which
-        spares the caller a copy of a large frame.
+        spares the caller a copy of a large frame. A frame received as a
+        view may be sent on as it is.
         """
         ...
 
-    async def receive_frame(self) -> bytes:
-        """The next frame; raises :class:`trio.EndOfChannel` once the peer ended the stream."""
+    async def receive_frame(self) -> bytes | memoryview:
+        """The next frame; raises :class:`trio.EndOfChannel` once the peer ended the stream.
+
+        The frame may be a read-only view into the transport's receive
+        buffer, which saves copying a large frame; it stays valid for as long
+        as it is referenced.
+        """
         ...
 
     async def aclose(self) -> None:
@@ -66,10 +72,8 @@ class MemoryLink:
         #: Frames written to this end so far.
         self.frames_sent = 0
 
-    async def send_frame(self, frame: bytes | list[bytes]) -> None:
-        if type(frame) is list:
-            frame = b"".join(frame)
-        assert isinstance(frame, bytes)
+    async def send_frame(self, frame: bytes | memoryview | list[bytes]) -> None:
+        frame = b"".join(frame) if isinstance(frame, list) else bytes(frame)
         if self._max_frame_bytes is not None and len(frame) > self._max_frame_bytes:
             raise FrameTooLargeError(
                 f"frame of {len(frame)} bytes exceeds the link limit of {self._max_frame_bytes}"

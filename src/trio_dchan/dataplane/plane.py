@@ -527,7 +527,7 @@ class _PeerOut:
                 logger.warning("dropping the data link to %s: %s", self.node_id, exc)
                 return
 
-    def _on_feedback(self, frame: bytes) -> None:
+    def _on_feedback(self, frame: bytes | memoryview) -> None:
         touched: set[_NsSender] = set()
         for rec in fr.parse(frame, fr.TO_SENDER):
             if isinstance(rec, fr.RidCount):
@@ -1234,7 +1234,7 @@ class DataPlane:
         if error is not None:
             raise error
 
-    def _on_frame(self, stream: _InStream, frame: bytes) -> None:
+    def _on_frame(self, stream: _InStream, frame: bytes | memoryview) -> None:
         inboxes = self._inboxes
         for rec in fr.parse(frame, fr.TO_RECEIVER):
             if isinstance(rec, fr.Batch):

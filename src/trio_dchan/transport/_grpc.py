@@ -340,8 +340,12 @@ def encode_data_frame(payload: bytes | list[bytes], size: int | None = None) -> 
     return b"\x00\x00\x00\x00\x00"
 
 
-def decode_data_frame(body: bytes, frame_type: type[M]) -> bytes:
-    """The payload of a serialized ``DataFrame``; refuses malformed bytes like ``recv_limited``."""
+def decode_data_frame(body: bytes | memoryview, frame_type: type[M]) -> bytes | memoryview:
+    """The payload of a serialized ``DataFrame``; refuses malformed bytes like ``recv_limited``.
+
+    In the common shape the payload is a slice of ``body`` (a view, if
+    ``body`` is one), not a copy.
+    """
     # The common shape: exactly one payload field filling the message.
     if len(body) > 1 and body[0] == 0x0A:
         length = 0
@@ -358,6 +362,7 @@ def decode_data_frame(body: bytes, frame_type: type[M]) -> bytes:
                 break
             shift += 7
     # Anything else (empty, unknown fields, repeated field) goes the general way.
+    body = bytes(body)
     check_wire(body, frame_type)
     try:
         frame: Any = frame_type.parse(body)
@@ -481,6 +486,35 @@ def read_now(stream: Any, size: int) -> bytes | None:
         return data
     reader.close()  # pragma: no cover - cannot happen with the bytes queued
     raise RuntimeError("grpclib buffer read suspended with its bytes queued")
+
+
+def take_view(stream: Any, size: int) -> memoryview | None:
+    """The next ``size`` bytes of the stream without a copy, if they came in one piece.
+
+    Right after a message's 5-byte prefix was read, grpclib holds the rest of
+    the DATA frame that carried it; when that holds the whole message body
+    (our peers send each message in one frame), the body is handed out as a
+    view of the frame instead of a joined copy. ``None`` otherwise (nothing
+    read): :func:`read_now` or :func:`read_data` then joins the pieces.
+    """
+    h2_stream = _receivable(stream)
+    if h2_stream is None:
+        return None
+    buffer = h2_stream.buffer
+    acked = buffer._acked
+    if not acked:
+        return None
+    first = acked[0]
+    if first.data_size < size:
+        return None
+    chunk = first.data
+    if first.data_size == size:
+        acked.popleft()
+    else:
+        acked[0] = first._replace(data=chunk[size:], data_size=first.data_size - size)
+    buffer._acked_size -= size
+    view: memoryview = chunk[:size]
+    return view
 
 
 @lost_connection_as_oserror

@@ -214,7 +214,9 @@ class _LinkBase:
                 self._broken
             )
 
-    async def send_frame(self, frame: bytes | list[bytes]) -> None:
+    async def send_frame(self, frame: bytes | memoryview | list[bytes]) -> None:
+        if isinstance(frame, memoryview):
+            frame = frame.tobytes()
         self._check()
         size = len(frame) if isinstance(frame, bytes) else sum(map(len, frame))
         if size + 16 > self._limit:
@@ -239,7 +241,7 @@ class _LinkBase:
         finally:
             self._send_busy = False
 
-    async def receive_frame(self) -> bytes:
+    async def receive_frame(self) -> bytes | memoryview:
         if self._remote_ended:
             raise trio.EndOfChannel
         self._check()
@@ -262,7 +264,7 @@ class _LinkBase:
             raise trio.EndOfChannel
         return payload
 
-    async def _read_frame(self) -> bytes | None:
+    async def _read_frame(self) -> bytes | memoryview | None:
         # Bytes grpclib already holds are taken without a trip through
         # asyncio; only a wait for more crosses over.
         waited = False
@@ -285,7 +287,11 @@ class _LinkBase:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return None
         size = _grpc.parse_prefix(prefix, self._limit)
-        body = _grpc.read_now(self._stream, size) if size else b""
+        body: bytes | memoryview | None = b""
+        if size:
+            body = _grpc.take_view(self._stream, size)
+            if body is None:
+                body = _grpc.read_now(self._stream, size)
         if body is None:
             waited = True
             body = await self._aio(_grpc.read_data)(self._stream, size)
