@@ -225,9 +225,10 @@ class _LinkBase:
             raise trio.BusyResourceError("another task is sending on this data link")
         self._send_busy = True
         try:
-            data = _grpc.encode_data_frame(frame, size)
+            head = _grpc.data_frame_head(size)
+            pieces = [head, frame] if isinstance(frame, bytes) else [head, *frame]
             await trio.lowlevel.checkpoint_if_cancelled()
-            if _grpc.send_now(self._stream, data):
+            if _grpc.send_now(self._stream, pieces, len(head) + size):
                 await trio.lowlevel.cancel_shielded_checkpoint()
             else:
                 payload = frame if isinstance(frame, bytes) else b"".join(frame)
