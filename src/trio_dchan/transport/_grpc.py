@@ -412,7 +412,9 @@ def write_data_frame(h2: Any, transport: Any, stream_id: int, pieces: list[bytes
     stream.outbound_flow_control_window -= size
     h2.outbound_flow_control_window -= size
     header = _H2_FRAME_HEADER.pack((size >> 8) & 0xFFFF, size & 0xFF, _H2_DATA, 0, stream_id)
-    transport.write(b"".join([h2.data_to_send(), header, *pieces]))
+    # As a view: asyncio slices off what the socket took at once, and a
+    # slice of bytes would copy the rest before it buffers it (a second copy).
+    transport.write(memoryview(b"".join([h2.data_to_send(), header, *pieces])))
 
 
 def send_now(stream: Any, pieces: list[bytes], size: int) -> bool:
