@@ -37,7 +37,7 @@ from .dataplane import (
 )
 from .errors import DchanError
 from .raft.errors import InvalidConfChange, NotLeader, UnknownNode
-from .raft.node import RaftNode, RaftSettings, open_raft_node
+from .raft.node import NodeStopped, RaftNode, RaftSettings, open_raft_node
 from .raft.storage import FileStorage, MemoryStorage
 from .raft.types import ConfState, NodeId
 from .registry import Registry, UnregisterNode, encode_command
@@ -327,6 +327,11 @@ async def open_cluster(
                     open_link=transport.open_link,
                     settings=settings.dataplane,
                     rng=random.Random(rng.getrandbits(64)),
+                    no_quorum=functools.partial(
+                        _leaderless,
+                        node,
+                        2 * settings.raft.tick_interval * settings.raft.election_ticks,
+                    ),
                 )
                 left = False
                 async with plane:
@@ -366,6 +371,24 @@ async def open_cluster(
 def _has_state(storage: FileStorage | MemoryStorage) -> bool:
     state = storage.load()
     return bool(state.entries) or state.snapshot is not None or state.hard_state.term > 0
+
+
+async def _leaderless(node: RaftNode, grace: float) -> None:
+    """Return once ``node`` has known no leader for ``grace`` seconds on end.
+
+    A follower forgets its leader when it starts an election, a leader steps
+    down when it stops hearing from a majority; an election that can succeed
+    ends well within two election timeouts.
+    """
+    try:
+        while True:
+            await node.wait_for(lambda n: n.leader is None)
+            with trio.move_on_after(grace):
+                await node.wait_for(lambda n: n.leader is not None)
+                continue
+            return
+    except NodeStopped:
+        return
 
 
 async def _join(transport: GrpcTransport, node_id: NodeId, to: NodeId) -> None:

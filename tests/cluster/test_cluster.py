@@ -6,7 +6,7 @@ import itertools
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -374,3 +374,25 @@ async def test_removing_a_dead_node_unregisters_its_receivers() -> None:
         with trio.fail_after(STEP):
             await late.wait_registered()
         await late.aclose()
+
+
+async def test_the_whole_cluster_stopping_at_once_does_not_wait_out_unregistrations() -> None:
+    # The last node to stop has no quorum left to commit its receivers' removal:
+    # it gives up once it has known no leader for two election timeouts, not
+    # after unregister_timeout.
+    settings = replace(FAST, dataplane=replace(FAST.dataplane, unregister_timeout=60.0))
+    async with local_cluster(3, seed=11, start=False) as lc:
+        lc.settings = settings
+        for address in lc.addresses:
+            lc.start(address)
+        await lc.wait_up()
+        receivers = [c.receive("everywhere", buffer=2) for c in lc.nodes]
+        for rx in receivers:
+            await rx.wait_registered()
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for address in lc.addresses:
+                    nursery.start_soon(lc.close, address)
+        for rx in receivers:  # the node's shutdown ended them
+            with pytest.raises(trio.EndOfChannel):
+                rx.receive_nowait()

@@ -785,12 +785,16 @@ class DataPlane:
         open_link: Callable[[NodeId], Awaitable[DataLink]],
         settings: DataPlaneSettings | None = None,
         rng: random.Random | None = None,
+        no_quorum: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.node_id = node_id
         self.registry = registry
         self.settings = settings if settings is not None else DataPlaneSettings()
         self.rng = rng if rng is not None else random.Random()
         self._propose = propose
+        #: Returns once nothing can commit (no leader known for a while): a
+        #: node shutting down then stops waiting for its unregistrations.
+        self._no_quorum = no_quorum
         self._open_link = open_link
         self._senders: dict[str, _NsSender] = {}
         self._peers: dict[NodeId, _PeerOut] = {}
@@ -1110,24 +1114,23 @@ class DataPlane:
             ):
                 inbox.register_scope.cancel()
             limit = self.settings.unregister_timeout
+            committed = False
             with trio.move_on_after(limit) as timer:
-                await inbox.register_done.wait()
-                await self._propose_until_done(
-                    encode_command(UnregisterReceiver(inbox.namespace, inbox.rid)),
-                    f"removal of receiver {inbox.rid}",
-                )
-            if timer.cancelled_caught:
+                committed = await self._unregister(inbox)
+            if not committed:
                 # No quorum (or no leader) in time. From here on this node
                 # refuses the receiver's messages, so their senders retry them
                 # elsewhere; the node's next start removes the registration.
                 if inbox.register_scope is not None:
                     inbox.register_scope.cancel()
-                logger.warning(
-                    "receiver %s: the unregistration did not commit within %s s; its "
+                # Expected when the whole cluster stops at once: not a warning then.
+                logger.log(
+                    logging.WARNING if timer.cancelled_caught else logging.INFO,
+                    "receiver %s: the unregistration did not commit (%s); its "
                     "messages are refused here and the registration is removed when "
                     "this node next starts",
                     inbox.rid,
-                    limit,
+                    f"not within {limit} s" if timer.cancelled_caught else "no quorum left",
                 )
             inbox.refusing = True
             inbox.registered = False
@@ -1145,6 +1148,42 @@ class DataPlane:
             inbox.closed_event.set()
             if self._inboxes.get(inbox.rid) is inbox:
                 del self._inboxes[inbox.rid]
+
+    async def _unregister(self, inbox: _Inbox) -> bool:
+        """Commit the removal of ``inbox``'s registration; False if there is no quorum.
+
+        Only while the node shuts down does it give up for want of a quorum
+        (when the whole cluster stops, the last nodes have none); a receiver
+        closed in a running node waits out a leader election.
+        """
+
+        async def commit() -> None:
+            await inbox.register_done.wait()
+            await self._propose_until_done(
+                encode_command(UnregisterReceiver(inbox.namespace, inbox.rid)),
+                f"removal of receiver {inbox.rid}",
+            )
+
+        no_quorum = self._no_quorum
+        if not self._closing or no_quorum is None:
+            await commit()
+            return True
+        committed = False
+        async with trio.open_nursery() as nursery:
+
+            async def first_commit() -> None:
+                nonlocal committed
+                await commit()
+                committed = True
+                nursery.cancel_scope.cancel()
+
+            async def first_no_quorum() -> None:
+                await no_quorum()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(first_commit)
+            nursery.start_soon(first_no_quorum)
+        return committed
 
     async def _handoff(self, inbox: _Inbox, values: list[Any]) -> None:
         ns = self._sender(inbox.namespace)

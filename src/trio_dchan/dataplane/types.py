@@ -62,7 +62,8 @@ class DataPlaneSettings:
     #: receiver's messages (senders retry them elsewhere), the channel closes,
     #: and the registration left in the Registry is removed when the node
     #: next starts. Without a quorum (say, the whole cluster shutting down at
-    #: once) the unregistration can never commit.
+    #: once) the unregistration can never commit: a node shutting down stops
+    #: waiting as soon as it has known no leader for two election timeouts.
     unregister_timeout: float = 5.0
     #: First and largest pause between attempts to open a link to a peer, or
     #: to propose a receiver registration.
