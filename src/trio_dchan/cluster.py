@@ -190,6 +190,11 @@ class Cluster:
         Only for a node that is not running: a running node removed this way
         can no longer talk to the cluster. A node that wants to go calls
         :meth:`leave` itself.
+
+        Raises :class:`ValueError` for this node itself, :class:`UnknownNode`
+        for a node that is not a member, and the Raft node's errors if the
+        change cannot be committed (``NotLeader`` when no leader answered
+        within ``settings.raft.proposal_timeout``).
         """
         if node_id == self._node_id:
             raise ValueError("a node removes itself with cluster.leave()")
