@@ -292,6 +292,30 @@ async def test_tracked_sends() -> None:
         await rx.aclose()
 
 
+async def test_a_held_message_times_out_at_its_own_deadline() -> None:
+    # Messages held in a send channel's buffer wait with the deadline of their
+    # receipt, or undeliverable_timeout. One with an earlier deadline than
+    # those already waiting must fail at that deadline, not at theirs.
+    settings = dataclasses.replace(FAST, undeliverable_timeout=60.0)
+    async with open_cluster(2, settings=settings) as cluster:
+        rx = cluster.planes["n1"].receive("held", buffer=0)
+        await all_registered(rx)
+        tx = cluster.planes["n0"].send("held", buffer=4)
+        for i in range(3):
+            tx.send_nowait(i)  # nobody waits in receive(): held, 60 s deadlines
+        assert tx.statistics().queued == 3
+        with trio.fail_after(10):
+            receipt = await tx.send_tracked("soon", timeout=0.2)
+            assert receipt.outcome is Outcome.PENDING
+            assert await receipt.delivered() is False
+        assert receipt.outcome is Outcome.TIMED_OUT
+        assert tx.statistics().queued == 3
+        got = [await rx.receive() for _ in range(3)]
+        assert got == [0, 1, 2]
+        await tx.aclose()
+        await rx.aclose()
+
+
 async def test_a_delivered_message_never_reports_false() -> None:
     # Short deadlines racing a slow consumer: every receipt must agree with
     # what was actually received.

@@ -235,7 +235,7 @@ class _NsSender:
         owner.unplaced += 1
         self.plane._pending += 1
         self.waiting.append((encoded, owner, receipt, deadline))
-        self.plane._kick_expiry()
+        self.plane._kick_expiry(deadline)
 
     def requeue(self, encoded: bytes, owner: _Owner, receipt: Receipt | None) -> None:
         """Take back a message that provably reached no buffer, to try another receiver."""
@@ -248,7 +248,7 @@ class _NsSender:
             else trio.current_time() + self.plane.settings.undeliverable_timeout
         )
         self.waiting.append((encoded, owner, receipt, deadline))
-        self.plane._kick_expiry()
+        self.plane._kick_expiry(deadline)
 
     def _drain_waiting(self) -> bool:
         waiting = self.waiting
@@ -807,6 +807,8 @@ class DataPlane:
         self._pending = 0
         self._idle: trio.Event | None = None
         self._expiry_wake = trio.Event()
+        #: When the expiry loop looks at waiting messages next.
+        self._expiry_at = -math.inf
         #: The Registry version the routing tables follow, and its change signal.
         self._routed_version = -1
         self._routed = trio.Event()
@@ -1057,8 +1059,12 @@ class DataPlane:
         while self._routed_version < version and not self._closed.is_set():
             await self._routed.wait()
 
-    def _kick_expiry(self) -> None:
-        self._expiry_wake.set()
+    def _kick_expiry(self, deadline: float) -> None:
+        # Waiting messages mostly get later deadlines than those already
+        # waiting: only an earlier one needs the expiry loop to look again.
+        if deadline < self._expiry_at:
+            self._expiry_at = deadline
+            self._expiry_wake.set()
 
     async def _expire_loop(self) -> None:
         while True:
@@ -1068,6 +1074,7 @@ class DataPlane:
                 if ns.waiting:
                     nearest = min(nearest, ns.expire(now))
             self._expiry_wake = trio.Event()
+            self._expiry_at = nearest
             with trio.move_on_at(nearest):
                 await self._expiry_wake.wait()
 
