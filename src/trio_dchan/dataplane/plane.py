@@ -339,6 +339,7 @@ class _PeerOut:
     def enqueue(self, item: _Item) -> None:
         queue = self.queue
         queue.append(item)
+        self.plane._enqueued += 1
         if self._sleeping:
             self._sleeping = False
             self._wake.set()
@@ -430,10 +431,11 @@ class _PeerOut:
                         if not self.control:
                             continue
                 # A sender that keeps adding messages gets a moment to fill
-                # this batch: two scheduler rounds tell a busy sender (the
-                # queue grew) from a lone message (it leaves at once).
+                # this batch: two scheduler rounds tell a busy node (messages
+                # were queued, for this peer or another) from a lone message
+                # (it leaves at once).
                 queue = self.queue
-                before = len(queue)
+                before = self.plane._enqueued
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 if not self._flushed:
                     await trio.lowlevel.cancel_shielded_checkpoint()
@@ -445,7 +447,8 @@ class _PeerOut:
                 if reach > self._reach:
                     self._reach = reach
                 target = max(1, min(most, self._reach // 2))
-                if linger > 0 and before < len(queue) < target and not self._flushed:
+                busy = self.plane._enqueued != before
+                if linger > 0 and busy and len(queue) < target and not self._flushed:
                     self._target = target
                     self._full = trio.Event()
                     self._lingering = True
@@ -805,6 +808,8 @@ class DataPlane:
         self._stopped = trio.Event()
         self._closed = trio.Event()
         self._pending = 0
+        #: Messages queued for any peer so far (a busy node's batches linger).
+        self._enqueued = 0
         self._idle: trio.Event | None = None
         self._expiry_wake = trio.Event()
         #: When the expiry loop looks at waiting messages next.

@@ -40,8 +40,9 @@ class DataPlaneSettings:
     #: Frames of messages a sending node keeps on a stream before waiting for
     #: an ack; meanwhile new messages gather into the next batch.
     max_unacked_frames: int = 1
-    #: How long a batch may wait for more messages while a sender keeps
-    #: adding them (a lone message never waits). 0 sends at once.
+    #: How long a batch may wait for more messages while the node keeps
+    #: queueing messages, for this peer or another (a lone message never
+    #: waits). 0 sends at once.
     batch_linger: float = 0.001
     #: A batch this large leaves without waiting out the linger. A batch aims
     #: for half of what credit lets be on the way to the peer (so one batch
