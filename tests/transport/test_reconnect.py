@@ -8,6 +8,7 @@ delay the backoff could have picked, not when the backoff happens to end.
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 import pytest
 import trio
@@ -33,6 +34,19 @@ def _heartbeat(sender: str, to: str, commit: int) -> Message:
     return Message(MessageType.HEARTBEAT, to, sender, 1, commit=commit)
 
 
+def _restarted(a: str, port: int, b: str, handler: RecordingHandler) -> Any:
+    """Node ``a`` coming back on its old port, with ``b`` as its peer."""
+    return open_transport(
+        a,
+        a,
+        cluster_id="k",
+        peers={b: b},
+        sock=_rebind(port),
+        settings=LONG,
+        raft_handler=handler,
+    )
+
+
 async def _fail_once(tb: GrpcTransport, a: str) -> None:
     """A call from ``tb`` to the unreachable ``a``: ``tb`` backs off from ``a``."""
     with pytest.raises(Unavailable) as info:
@@ -51,15 +65,7 @@ async def test_a_peer_that_calls_back_is_reached_without_waiting_out_the_backoff
         b, b, cluster_id="k", peers={a: a}, sock=b_sock, settings=LONG, raft_handler=on_b
     ) as tb:
         await _fail_once(tb, a)
-        async with open_transport(
-            a,
-            a,
-            cluster_id="k",
-            peers={b: b},
-            sock=_rebind(port),
-            settings=LONG,
-            raft_handler=on_a,
-        ) as ta:
+        async with _restarted(a, port, b, on_a) as ta:
             # The restarted peer speaks first (a vote request, say).
             ta.send([_heartbeat(a, b, 7)])
             with trio.fail_after(WITHIN):
@@ -78,15 +84,7 @@ async def test_a_call_that_reaches_the_peer_ends_the_backoff() -> None:
         b, b, cluster_id="k", peers={a: a}, sock=b_sock, settings=LONG
     ) as tb:
         await _fail_once(tb, a)
-        async with open_transport(
-            a,
-            a,
-            cluster_id="k",
-            peers={b: b},
-            sock=_rebind(port),
-            settings=LONG,
-            raft_handler=on_a,
-        ):
+        async with _restarted(a, port, b, on_a):
             with trio.fail_after(WITHIN):
                 # A forward does not wait for the Raft pump's backoff; once it
                 # went through, the pump knows the peer is back.

@@ -1180,22 +1180,17 @@ class DataPlane:
         if not self._closing or no_quorum is None:
             await commit()
             return True
-        committed = False
         async with trio.open_nursery() as nursery:
 
-            async def first_commit() -> None:
-                nonlocal committed
-                await commit()
-                committed = True
-                nursery.cancel_scope.cancel()
-
-            async def first_no_quorum() -> None:
+            async def give_up() -> None:
                 await no_quorum()
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(first_commit)
-            nursery.start_soon(first_no_quorum)
-        return committed
+            nursery.start_soon(give_up)
+            await commit()
+            nursery.cancel_scope.cancel()
+            return True
+        return False
 
     async def _handoff(self, inbox: _Inbox, values: list[Any]) -> None:
         ns = self._sender(inbox.namespace)
