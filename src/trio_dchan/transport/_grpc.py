@@ -172,6 +172,49 @@ class _QuietFrameBuffer(FrameBuffer):
         return frame
 
 
+def tune_loop(loop: Any) -> None:
+    """Make ``loop`` (our trio-asyncio loop) skip a needless round after each socket event.
+
+    trio-asyncio runs each reader/writer callback in a Trio task of its own
+    and then waits until the loop processed every asyncio callback queued
+    before it (``synchronize()``), so callbacks keep asyncio's order relative
+    to the next socket event. When nothing is queued there is nothing to keep
+    in order, yet the wait still costs a round of the asyncio loop's task and
+    one of the I/O task per event, i.e. per frame received. This replaces the
+    loop's per-descriptor task with one that waits only when callbacks are
+    queued or being run. A trio-asyncio without the pieces it relies on keeps
+    its own.
+    """
+    if not all(hasattr(loop, name) for name in ("_io_task", "_q_send", "synchronize")):
+        return
+
+    async def io_task(fd: int, handle: Any, wait_ready: Callable[[int], Awaitable[None]]) -> None:
+        with handle._scope:
+            try:
+                while not handle._cancelled:
+                    try:
+                        await wait_ready(fd)
+                    except OSError:
+                        # The descriptor closed under a handle cancelled
+                        # without a checkpoint in between: that is the end.
+                        if handle._cancelled:
+                            return
+                        raise
+                    if handle._cancelled:
+                        return
+                    handle._run()
+                    # The asyncio loop's task is idle (parked in its queue,
+                    # which is empty) unless a callback was queued: a handle
+                    # given straight to the parked task counts as queued.
+                    queue = loop._q_send.statistics()
+                    if queue.current_buffer_used or not queue.tasks_waiting_receive:
+                        await loop.synchronize()
+            except Exception as exc:
+                handle._raise(exc)
+
+    loop._io_task = io_task
+
+
 def tune_connection(protocol: Any) -> None:
     """Prepare a fresh grpclib connection (ours or a peer's) for data-plane traffic.
 

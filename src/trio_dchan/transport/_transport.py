@@ -1349,6 +1349,7 @@ async def open_transport(
     service = transport._service
     async with trio_asyncio.open_loop() as loop, trio.open_nursery() as nursery:
         transport._loop = loop
+        _grpc.tune_loop(loop)
         # trio-asyncio turns every call of asyncio's exception handler (an
         # unclosed resource noticed by a __del__, a task exception nobody
         # retrieved) into an exception that crashes the loop, i.e. the node.
