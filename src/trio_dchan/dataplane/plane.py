@@ -214,9 +214,19 @@ class _NsSender:
         """Accept a message against a receiver's credit; False if nobody has any."""
         if self.waiting and not self._drain_waiting():
             return False
-        slot = self._pick()
-        if slot is None:
-            return False
+        # Most often the receiver whose turn it is has credit: take it
+        # without the round-robin search.
+        slots = self.slots
+        i = self.rr
+        slot = slots[i] if i < len(slots) else None
+        if slot is not None and slot.credit:
+            slot.credit -= 1
+            i += 1
+            self.rr = i if i < len(slots) else 0
+        else:
+            slot = self._pick()
+            if slot is None:
+                return False
         self.queued += 1
         owner.outstanding += 1
         self.plane._pending += 1
