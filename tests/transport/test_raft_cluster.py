@@ -80,25 +80,35 @@ async def _run(
 
 
 async def _leader(members: list[Member]) -> Member:
-    """Wait until the running members agree on a leader that runs; return it."""
-    while True:
-        running = [m for m in members if m.node is not None]
-        leaders = {m.node.leader for m in running if m.node is not None}
-        for m in running:
-            if (
-                len(leaders) == 1
-                and m.node is not None
-                and m.node.role is Role.LEADER
-                and m.node_id in leaders
-            ):
-                return m
-        async with trio.open_nursery() as nursery:
-            for m in running:
-                node = m.node
+    """Wait until the running members agree on a leader that runs; return it.
 
-                async def changed(node: RaftNode = node, nursery: trio.Nursery = nursery) -> None:
-                    seen = (node.leader, node.role, node.term)
-                    await node.wait_for(lambda n: (n.leader, n.role, n.term) != seen)
+    Each round decides on one look at every running node, then waits until
+    a node differs from that look. The look must be the one the decision was
+    made on: a node may change between the decision and the start of the
+    tasks that wait (a follower learning of the new leader, say), and a wait
+    that took its own look then would miss that change and, once the
+    cluster is quiet, wait forever.
+    """
+    while True:
+        seen = [
+            (m, m.node, (m.node.leader, m.node.role, m.node.term))
+            for m in members
+            if m.node is not None
+        ]
+        leaders = {state[0] for _, _, state in seen}
+        if len(leaders) == 1:
+            for m, _, (_, role, _) in seen:
+                if role is Role.LEADER and m.node_id in leaders:
+                    return m
+        async with trio.open_nursery() as nursery:
+            for _, node, state in seen:
+
+                async def changed(
+                    node: RaftNode = node,
+                    state: tuple[str | None, Role, int] = state,
+                    nursery: trio.Nursery = nursery,
+                ) -> None:
+                    await node.wait_for(lambda n: (n.leader, n.role, n.term) != state)
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(changed)
