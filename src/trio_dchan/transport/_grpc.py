@@ -491,6 +491,12 @@ def send_now(stream: Any, pieces: list[bytes], size: int) -> bool:
     return True
 
 
+def send_message_now(stream: Any, message: betterproto2.Message) -> bool:
+    """:func:`send_now` for a protobuf message: what ``stream.send_message`` writes."""
+    body = bytes(message)
+    return send_now(stream, [b"\x00" + len(body).to_bytes(4, "big"), body], 5 + len(body))
+
+
 def _receivable(stream: Any) -> Any | None:
     if isinstance(stream, ClientStream) and (
         not stream._recv_initial_metadata_done or stream._wrapper._error is not None

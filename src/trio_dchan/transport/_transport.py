@@ -745,8 +745,11 @@ class GrpcTransport:
             self._drain(recv, pending)
             batch = self._to_batch(peer, pending)
             if batch.messages:
-                with trio.fail_after(s.send_timeout):
-                    await self._aio(_grpc.send)(stream, batch)
+                # Written at once when grpclib could (no trip through asyncio);
+                # the next receive() is this loop's checkpoint.
+                if not _grpc.send_message_now(stream, batch):
+                    with trio.fail_after(s.send_timeout):
+                        await self._aio(_grpc.send)(stream, batch)
                 peer.sent += len(batch.messages)
                 self._reached(peer)
             pending.clear()
