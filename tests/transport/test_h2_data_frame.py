@@ -56,7 +56,7 @@ def test_same_bytes_and_state_as_h2_send_data(size: int) -> None:
     theirs.send_data(1, data)
     expected = theirs.data_to_send()
     out = _Capture()
-    write_data_frame(ours, out, 1, [data[:7], data[7:]])
+    write_data_frame(ours, out, 1, [data[:7], data[7:]], len(data))
     assert bytes(out.written) == expected
     assert _state(ours) == _state(theirs)
     assert ours.data_to_send() == b""
