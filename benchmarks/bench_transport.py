@@ -207,11 +207,7 @@ async def _run_cluster(
             out["throughput_64_errors"] = r["errors"]
             if "many_inflight" in extra:
                 r = await leader.ask(
-                    "bench",
-                    "bench",
-                    concurrency=extra["many_inflight"],
-                    count=100_000,
-                    size=64,
+                    "bench", "bench", concurrency=extra["many_inflight"], count=100_000, size=64
                 )
                 out["throughput_many_inflight"] = r["rate"]
             latency_count = int(LATENCY_COUNT * scale)
