@@ -229,7 +229,9 @@ async def test_credit_returns_in_chunks_not_one_frame_per_message() -> None:
     # A batch leaves when its sender blocks for want of credit, never because
     # a linger timer ran out on a loaded machine (that would split a grant's
     # messages over two frames, and two acks).
-    settings = dataclasses.replace(FAST, handoff_timeout=0.1, batch_linger=10.0)
+    settings = dataclasses.replace(
+        FAST, handoff_timeout=0.1, batch_linger=10.0, batch_linger_max=10.0
+    )
     async with open_cluster(2, seed=5, settings=settings) as cluster:
         rx = cluster.planes["n1"].receive("chunks", buffer=64)
         with trio.fail_after(5):

@@ -334,6 +334,9 @@ class _PeerOut:
         #: A sender waits for the batch being gathered: gather no longer.
         self._flushed = False
         self._target = plane.settings.batch_target
+        self._target_bytes = plane.settings.batch_target_bytes
+        #: Bytes of the encoded messages in ``queue``.
+        self.queued_bytes = 0
         #: The most messages credit has let us have queued or on the way.
         self._reach = 0
         self._needed = trio.Event()
@@ -349,11 +352,14 @@ class _PeerOut:
     def enqueue(self, item: _Item) -> None:
         queue = self.queue
         queue.append(item)
+        self.queued_bytes += len(item[1])
         self.plane._enqueued += 1
         if self._sleeping:
             self._sleeping = False
             self._wake.set()
-        elif self._lingering and len(queue) >= self._target:
+        elif self._lingering and (
+            len(queue) >= self._target or self.queued_bytes >= self._target_bytes
+        ):
             self.flush()
 
     def flush(self) -> None:
@@ -420,6 +426,7 @@ class _PeerOut:
         idle = self.plane.settings.credit_idle_return
         window = self.plane.settings.max_unacked_frames
         linger = self.plane.settings.batch_linger
+        linger_max = self.plane.settings.batch_linger_max
         most = self.plane.settings.batch_target
         unacked = self.unacked_frames
         try:
@@ -458,12 +465,32 @@ class _PeerOut:
                     self._reach = reach
                 target = max(1, min(most, self._reach // 2))
                 busy = self.plane._enqueued != before
-                if linger > 0 and busy and len(queue) < target and not self._flushed:
+                if (
+                    linger > 0
+                    and busy
+                    and len(queue) < target
+                    and self.queued_bytes < self._target_bytes
+                    and not self._flushed
+                ):
+                    # Linger while messages keep coming: the batch leaves when
+                    # it is big enough, when a sender waits for it, when
+                    # `linger` passes without a message for this peer, or
+                    # `linger_max` after it began to wait. On a node short
+                    # of CPU the messages for one peer come slowly, and a
+                    # batch cut short at the first pause would carry few of
+                    # them: every frame costs as much as dozens of messages.
                     self._target = target
-                    self._full = trio.Event()
                     self._lingering = True
-                    with trio.move_on_after(linger):
-                        await self._full.wait()
+                    now = trio.current_time()
+                    latest = now + linger_max
+                    while True:
+                        self._full = trio.Event()
+                        had = len(queue)
+                        with trio.move_on_at(min(now + linger, latest)):
+                            await self._full.wait()
+                        now = trio.current_time()
+                        if not self._lingering or len(queue) == had or now >= latest:
+                            break
                     self._lingering = False
                 seq = self.next_seq
                 frame = self._build()
@@ -490,6 +517,7 @@ class _PeerOut:
         queue = self.queue
         inflight = self.inflight
         seq = self.next_seq
+        sent_bytes = 0
         # The frame leaves in pieces, copied once into the transport's
         # message: each record's header goes in front of its messages once
         # their count is known.
@@ -518,11 +546,13 @@ class _PeerOut:
             head = codec.batch_header(n)
             parts[at] = fr.batch_header(seq, n, slot.rid_bytes, len(head) + size) + head
             budget -= len(parts[at]) + size
+            sent_bytes += size
             seq += n
             ns = slot.ns
             ns.queued -= n
             ns.in_flight += n
         self.next_seq = seq
+        self.queued_bytes -= sent_bytes
         return parts
 
     async def _read_feedback(self, link: DataLink) -> None:
@@ -615,6 +645,7 @@ class _PeerOut:
             slot, _, owner, receipt = self.inflight.popleft()
             slot.ns.in_flight -= 1
             slot.ns.settle_failed(owner, receipt, Outcome.UNKNOWN)
+        self.queued_bytes = 0
         while self.queue:
             slot, encoded, owner, receipt = self.queue.popleft()
             slot.ns.queued -= 1
@@ -928,6 +959,7 @@ class DataPlane:
                 slot, _, owner, receipt = peer.inflight.popleft()
                 slot.ns.in_flight -= 1
                 slot.ns.settle_failed(owner, receipt, Outcome.UNKNOWN)
+            peer.queued_bytes = 0
             while peer.queue:
                 slot, _, owner, receipt = peer.queue.popleft()
                 slot.ns.queued -= 1

@@ -40,14 +40,20 @@ class DataPlaneSettings:
     #: Frames of messages a sending node keeps on a stream before waiting for
     #: an ack; meanwhile new messages gather into the next batch.
     max_unacked_frames: int = 1
-    #: How long a batch may wait for more messages while the node keeps
-    #: queueing messages, for this peer or another (a lone message never
-    #: waits). 0 sends at once.
+    #: When the node is busy (it queues messages, for this peer or another)
+    #: a batch waits for more messages while they keep coming: it leaves once
+    #: this long passes without a new message for its peer (a lone message
+    #: never waits). 0 sends at once.
     batch_linger: float = 0.001
-    #: A batch this large leaves without waiting out the linger. A batch aims
-    #: for half of what credit lets be on the way to the peer (so one batch
-    #: travels while the next gathers), at most this many messages.
+    #: The longest a batch waits for more messages in all.
+    batch_linger_max: float = 0.005
+    #: A batch this large leaves without lingering. A batch aims for half of
+    #: what credit lets be on the way to the peer (so one batch travels while
+    #: the next gathers), at most this many messages.
     batch_target: int = 256
+    #: A batch whose messages add up to this many bytes leaves without
+    #: lingering (large messages gain little from waiting for more).
+    batch_target_bytes: int = 256 * 1024
     #: A sending node gives unused credit back after this long without sending
     #: to a peer, so an idle sender does not hold a receiver's space.
     credit_idle_return: float = 0.25
@@ -76,6 +82,10 @@ class DataPlaneSettings:
             raise ValueError("max_frame_bytes must be at least 8192")
         if self.batch_linger < 0:
             raise ValueError("batch_linger must be >= 0")
+        if self.batch_linger_max < self.batch_linger:
+            raise ValueError("batch_linger_max must be >= batch_linger")
+        if self.batch_target_bytes < 1:
+            raise ValueError("batch_target_bytes must be at least 1")
         if self.batch_target < 1:
             raise ValueError("batch_target must be at least 1")
         if self.max_unacked_frames < 1:
