@@ -537,6 +537,11 @@ def child_dchan_agg(fd: int, address: str, peers: list[str], count: int) -> None
                     await trio.sleep(0.001)
                 emit(kind="end", at=last, count=got)
                 nursery.cancel_scope.cancel()
+            # Unregister while every node is still up to commit it, then
+            # leave once the others did the same.
+            await rx.aclose()
+            emit(kind="closed")
+            await _wait_quit()
 
     trio.run(main)
 
@@ -770,10 +775,14 @@ def run_dchan_pair(counts: dict[str, int], pings: int, offer: int) -> dict[str, 
         out["rss_offered"] = int(rss["offered"])
         send.next("done")
     finally:
-        send.quit()
+        # The receiving node leaves first, while the sending node still makes
+        # a quorum to commit the unregistration of its receivers.
         recv.quit()
-        send.wait()
-        recv.wait()
+        try:
+            recv.wait()
+        finally:
+            send.quit()
+            send.wait()
     return out
 
 
@@ -795,6 +804,10 @@ def run_dchan_three(count: int) -> float:
         for n in nodes:
             n.quit()
     ends = [n.next("end") for n in nodes]
+    for n in nodes:
+        n.next("closed")
+    for n in nodes:
+        n.quit()
     for n in nodes:
         n.wait()
     total = sum(e["count"] for e in ends)
