@@ -68,6 +68,10 @@ def big(i: int) -> dict[str, Any]:
 
 
 def emit(**event: Any) -> None:
+    """One event for the driver. Times in events (``at``) compare across
+    processes: they come from ``time.monotonic()``, one clock for the whole
+    machine that, unlike ``time.time()``, does not jump when the system clock
+    is set."""
     sys.stdout.write(json.dumps(event) + "\n")
     sys.stdout.flush()
 
@@ -99,7 +103,7 @@ def child_memchan(count: int) -> None:
 
     async def main() -> None:
         send, receive = trio.open_memory_channel[Any](BUFFER)
-        start = time.time()
+        start = time.monotonic()
         wait0 = runqueue_seconds()
 
         async def produce() -> None:
@@ -112,7 +116,7 @@ def child_memchan(count: int) -> None:
             n = 0
             async for _ in receive:
                 n += 1
-        elapsed = time.time() - start
+        elapsed = time.monotonic() - start
         emit(
             kind="result",
             rate=n / elapsed,
@@ -227,7 +231,7 @@ def child_tcp_recv(fd: int) -> None:
                     break
                 for _ in cbor2.loads(frame):
                     n += 1
-            emit(kind="end", phase=phase["name"], at=time.time(), count=n)
+            emit(kind="end", phase=phase["name"], at=time.monotonic(), count=n)
             await stream.aclose()
 
     trio.run(main)
@@ -242,7 +246,7 @@ def child_tcp_send(port: int, count_small: int, count_big: int, pings: int) -> N
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         head = cbor2.dumps({"name": name, "count": count})
         await stream.send_all(_LEN.pack(len(head)) + head)
-        emit(kind="start", phase=name, at=time.time())
+        emit(kind="start", phase=name, at=time.monotonic())
         batch: list[Any] = []
         for i in range(count):
             batch.append(make(i))
@@ -302,7 +306,7 @@ def child_zmq_pull(port: int) -> None:
         count = cbor2.loads(pull.recv())
         for _ in range(count):
             cbor2.loads(pull.recv())
-        emit(kind="end", phase=phase, at=time.time(), count=count)
+        emit(kind="end", phase=phase, at=time.monotonic(), count=count)
     pull.close()
     ctx.term()
 
@@ -316,7 +320,7 @@ def child_zmq_push(port: int, count_small: int, count_big: int) -> None:
     push.connect(f"tcp://127.0.0.1:{port}")
     for phase, count, make in (("small", count_small, small), ("big", count_big, big)):
         push.send(cbor2.dumps(count))
-        emit(kind="start", phase=phase, at=time.time())
+        emit(kind="start", phase=phase, at=time.monotonic())
         for i in range(count):
             push.send(cbor2.dumps(make(i)))
     push.close(linger=-1)
@@ -396,7 +400,7 @@ def child_dchan_recv(fd: int, address: str, peers: list[str], counts: dict[str, 
                     if n == count:
                         break
                 cpu = (cpu_seconds() - cpu0) / max(n - 1, 1)
-                emit(kind="end", phase=ns, at=time.time(), count=n, cpu_per_message=cpu)
+                emit(kind="end", phase=ns, at=time.monotonic(), count=n, cpu_per_message=cpu)
 
             async with trio.open_nursery() as nursery:
                 for ns, count in counts.items():
@@ -418,7 +422,7 @@ def child_dchan_send(
         await _wait_receivers(cluster, ns, 1)
         cpu0 = cpu_seconds()
         wait0 = runqueue_seconds()
-        start = time.time()
+        start = time.monotonic()
         emit(kind="start", phase=ns, at=start)
         async with cluster.send(ns) as tx:
             for i in range(count):
@@ -427,7 +431,7 @@ def child_dchan_send(
             kind="cpu",
             phase=ns,
             per_message=(cpu_seconds() - cpu0) / count,
-            runqueue_fraction=(runqueue_seconds() - wait0) / (time.time() - start),
+            runqueue_fraction=(runqueue_seconds() - wait0) / (time.monotonic() - start),
         )
 
     async def tracked(cluster: Any) -> None:
@@ -449,7 +453,7 @@ def child_dchan_send(
                     failures += 1
                 i += 1
 
-        emit(kind="start", phase="tracked", at=time.time())
+        emit(kind="start", phase="tracked", at=time.monotonic())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(wait_receipts)
             async with cluster.send("tracked") as tx:
@@ -522,11 +526,11 @@ def child_dchan_agg(fd: int, address: str, peers: list[str], count: int) -> None
                 nonlocal got, last
                 async for _ in rx:
                     got += 1
-                    last = time.time()
+                    last = time.monotonic()
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(consume)
-                emit(kind="start", at=time.time())
+                emit(kind="start", at=time.monotonic())
                 async with cluster.send("agg") as tx:
                     for i in range(count):
                         await tx.send(small(i))

@@ -114,7 +114,7 @@ def pysyncobj_child(self_addr: str, partners: list[str], batch: bool) -> None:
             except Exception:
                 time.sleep(0.005)
                 continue
-            emit(event="probe", t=time.time())
+            emit(event="probe", t=time.monotonic())
             return
         emit(event="probe", t=None)
 
@@ -219,7 +219,7 @@ async def _run_cluster(
                 for _ in range(TRIALS):
                     leader = await _leader(nodes)
                     survivors = [n for n in nodes if n is not leader]
-                    killed_at = time.time()
+                    killed_at = time.monotonic()
                     await leader.kill()
                     for s in survivors:
                         await s.send(op="probe", timeout=30)
