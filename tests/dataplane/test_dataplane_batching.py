@@ -37,8 +37,8 @@ class _Log(list[tuple[float, list[Any]]]):
         self.first = trio.Event()
 
 
-async def _receiving_node(cluster: Any, task_status: trio.TaskStatus[_Log]) -> None:
-    """Play node "fake": grant plenty of credit, ack every frame, log the frames."""
+async def _receiving_node(cluster: Any, credit: int, task_status: trio.TaskStatus[_Log]) -> None:
+    """Play node "fake": grant ``credit``, ack every frame, log the frames."""
     links = cluster.fake_node("fake")
     await cluster.propose(encode_command(RegisterReceiver("ns", "fake/1", "fake", 8)))
     log = _Log()
@@ -53,7 +53,7 @@ async def _receiving_node(cluster: Any, task_status: trio.TaskStatus[_Log]) -> N
         batches = [r for r in records if isinstance(r, fr.Batch)]
         for rec in records:
             if isinstance(rec, fr.RidCount) and rec.kind == fr.WANT:
-                await link.send_frame(fr.rid_count(fr.CREDIT, "fake/1", 10_000))
+                await link.send_frame(fr.rid_count(fr.CREDIT, "fake/1", credit))
         if batches:
             values = [v for b in batches for v in codec.decode_batch(b.payload)]
             log.append((trio.current_time(), values))
@@ -64,11 +64,11 @@ async def _receiving_node(cluster: Any, task_status: trio.TaskStatus[_Log]) -> N
 
 @asynccontextmanager
 async def _sender_and_log(
-    settings: DataPlaneSettings = SETTINGS,
+    settings: DataPlaneSettings = SETTINGS, credit: int = 10_000
 ) -> AsyncIterator[tuple[DistributedSendChannel[Any], _Log]]:
     """Node n0's send channel, once the played receiver's credit reached it."""
     async with open_cluster(1, settings=settings) as cluster:
-        log = await cluster.nursery.start(_receiving_node, cluster)
+        log = await cluster.nursery.start(_receiving_node, cluster, credit)
         tx = cluster.planes["n0"].send("ns")
         with trio.fail_after(5):
             while tx.statistics().credit == 0:  # noqa: ASYNC110 - a statistic, no event
@@ -129,17 +129,22 @@ async def test_a_batch_leaves_soon_after_the_messages_stop(
         assert arrived - last_sent < LINGER_MAX
 
 
-async def test_a_batch_of_large_messages_leaves_once_it_reaches_the_byte_target(
+async def test_a_batch_of_large_messages_leaves_once_it_reaches_its_byte_target(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    settings = dataclasses.replace(SETTINGS, batch_target_bytes=10_000)
-    async with _sender_and_log(settings) as (tx, log):
+    # 400 credits of 3,000-byte messages: a quarter of what credit allows is
+    # 100 messages, more than batch_target_bytes (10 messages) and less than
+    # half the credit (the message target, 200).
+    settings = dataclasses.replace(SETTINGS, batch_target_bytes=30_000)
+    async with _sender_and_log(settings, credit=400) as (tx, log):
         sent_at = trio.current_time()
-        for i in range(4):
-            await tx.send(bytes([i]) * 3000)
+        for i in range(120):
+            await tx.send(i.to_bytes(2, "big") * 1500)
         with trio.fail_after(1):
             await log.first.wait()
-        ((arrived, values),) = log
-        # 4 x 3000 bytes reached the target: no lingering at all.
+        arrived, values = log[0]
+        # Four such batches fit in the credit, so one can travel while the
+        # next ones gather: it left without lingering.
         assert arrived == sent_at
-        assert [v[0] for v in values] == [0, 1, 2, 3]
+        assert 100 <= len(values) <= 101
+        assert [int.from_bytes(v[:2], "big") for v in values] == list(range(len(values)))

@@ -428,6 +428,7 @@ class _PeerOut:
         linger = self.plane.settings.batch_linger
         linger_max = self.plane.settings.batch_linger_max
         most = self.plane.settings.batch_target
+        most_bytes = self.plane.settings.batch_target_bytes
         unacked = self.unacked_frames
         try:
             while True:
@@ -464,12 +465,22 @@ class _PeerOut:
                 if reach > self._reach:
                     self._reach = reach
                 target = max(1, min(most, self._reach // 2))
+                # A batch of large messages also leaves at a quarter of the
+                # bytes credit allows (at least `most_bytes`): such frames
+                # take long to travel and decode, and with four of them in
+                # the credit the receiver does not wait for each one while
+                # the sender waits for credit.
+                target_bytes = most_bytes
+                if queue:
+                    target_bytes = max(
+                        most_bytes, self._reach * self.queued_bytes // (4 * len(queue))
+                    )
                 busy = self.plane._enqueued != before
                 if (
                     linger > 0
                     and busy
                     and len(queue) < target
-                    and self.queued_bytes < self._target_bytes
+                    and self.queued_bytes < target_bytes
                     and not self._flushed
                 ):
                     # Linger while messages keep coming: the batch leaves when
@@ -480,6 +491,7 @@ class _PeerOut:
                     # batch cut short at the first pause would carry few of
                     # them: every frame costs as much as dozens of messages.
                     self._target = target
+                    self._target_bytes = target_bytes
                     self._lingering = True
                     now = trio.current_time()
                     latest = now + linger_max

@@ -51,8 +51,11 @@ class DataPlaneSettings:
     #: what credit lets be on the way to the peer (so one batch travels while
     #: the next gathers), at most this many messages.
     batch_target: int = 256
-    #: A batch whose messages add up to this many bytes leaves without
-    #: lingering (large messages gain little from waiting for more).
+    #: A batch whose messages add up to this many bytes, or to a quarter of
+    #: what credit lets be on the way to the peer if that is more, leaves
+    #: without lingering: a frame of large messages takes long to travel and
+    #: decode, and a receiver with only two of them in its credit would wait
+    #: for each.
     batch_target_bytes: int = 256 * 1024
     #: A sending node gives unused credit back after this long without sending
     #: to a peer, so an idle sender does not hold a receiver's space.
