@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -83,10 +84,10 @@ class DataPlaneSettings:
     def __post_init__(self) -> None:
         if self.max_frame_bytes < 8192:
             raise ValueError("max_frame_bytes must be at least 8192")
-        if self.batch_linger < 0:
-            raise ValueError("batch_linger must be >= 0")
-        if self.batch_linger_max < self.batch_linger:
-            raise ValueError("batch_linger_max must be >= batch_linger")
+        if not 0 <= self.batch_linger < math.inf:
+            raise ValueError("batch_linger must be a finite number of seconds >= 0")
+        if not self.batch_linger <= self.batch_linger_max < math.inf:
+            raise ValueError("batch_linger_max must be finite and >= batch_linger")
         if self.batch_target_bytes < 1:
             raise ValueError("batch_target_bytes must be at least 1")
         if self.batch_target < 1:
