@@ -16,7 +16,8 @@ JSON lines on stdin; answers and events leave as JSON lines on stdout:
 * ``{"op": "bench", "concurrency": n, "count": n, "size": n}`` → throughput
   and latency of proposals made in this process (it should be the leader)
 * ``{"op": "probe", "timeout": s}`` → propose until one commits; reports the
-  wall-clock time of that commit (fail-over measurements)
+  ``time.monotonic()`` of that commit, comparable with the driver's own
+  (fail-over measurements)
 * ``{"op": "exit"}`` → leave cleanly.
 
 The first line written is ``{"event": "ready"}``.
@@ -144,7 +145,7 @@ async def _probe(node: RaftNode, request: dict[str, Any]) -> None:
         try:
             with trio.move_on_after(1.0):
                 await node.propose(b"probe")
-                _emit(event="probe", t=time.time())
+                _emit(event="probe", t=time.monotonic())
                 return
         except DchanError:
             await trio.sleep(0.005)
