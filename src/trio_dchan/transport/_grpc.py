@@ -500,7 +500,8 @@ def send_now(stream: Any, pieces: list[bytes], size: int) -> bool:
 def send_message_now(stream: Any, message: betterproto2.Message) -> bool:
     """:func:`send_now` for a protobuf message: what ``stream.send_message`` writes."""
     body = bytes(message)
-    return send_now(stream, [_message_prefix(len(body)), body], 5 + len(body))
+    prefix = _message_prefix(len(body))
+    return send_now(stream, [prefix, body], len(prefix) + len(body))
 
 
 def _receivable(stream: Any) -> Any | None:
