@@ -451,6 +451,13 @@ def test_join_encoded_frames_any_count(count: int) -> None:
     assert decode_batch(batch) == [i % 7 for i in range(count)]
 
 
+@given(st.lists(plain_data, max_size=20))
+def test_split_batch_cuts_a_batch_into_its_messages(values: list[Any]) -> None:
+    parts = [encode(v) for v in values]
+    assert codec.split_batch(join_encoded(parts)) == parts
+    assert codec.split_batch(memoryview(join_encoded(parts))) == parts
+
+
 def test_encode_batch_accepts_any_iterable() -> None:
     assert decode_batch(encode_batch(x for x in (Point(1), (2,)))) == [Point(1), (2,)]
 

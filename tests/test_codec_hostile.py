@@ -27,7 +27,9 @@ from trio_dchan.codec import (
     decode_batch,
     encode,
     encode_batch,
+    join_encoded,
     register,
+    split_batch,
 )
 from trio_dchan.errors import DecodeError
 
@@ -383,3 +385,51 @@ def test_the_header_walk_accepts_what_the_codec_writes(value: Any) -> None:
     forced = Limits(max_string_length=max(len(data) - 1, 1))
     assert repr(decode(data, limits=forced)) == repr(decode(data))
     codec._walk(data, DEFAULT_LIMITS, DEFAULT_LIMITS.max_depth)
+
+
+def test_in_a_batch_the_item_limit_applies_to_each_message() -> None:
+    # 64 items allowed; each message holds 41, the batch 165.
+    limits = Limits(max_items=64)
+    value = list(range(40))
+    batch = encode_batch([value] * 4)
+    assert len(batch) > limits._walk_above
+    assert decode_batch(batch, limits=limits) == [value] * 4
+    with pytest.raises(DecodeError, match="items in one buffer"):
+        decode(encode([value] * 4), limits=limits)
+    with pytest.raises(DecodeError, match="items in one message"):
+        decode_batch(encode_batch([value, list(range(70))]), limits=limits)
+
+
+def test_split_batch_finds_the_messages_around_a_bad_one() -> None:
+    deep: Any = []
+    for _ in range(100):
+        deep = [deep]
+    parts = [encode(1), encode(deep), encode({"a": (1, 2)}), encode(Guarded(3))]
+    batch = join_encoded(parts)
+    with pytest.raises(DecodeError):
+        decode_batch(batch)
+    assert split_batch(batch) == parts
+    outcomes = []
+    for part in split_batch(batch):
+        try:
+            outcomes.append(decode(part))
+        except DecodeError:
+            outcomes.append("bad")
+    assert outcomes == [1, "bad", {"a": (1, 2)}, Guarded(3)]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",  # nothing
+        b"\x01",  # not an array
+        b"\x82\x01",  # one message short
+        b"\x81\x01\x02",  # trailing bytes
+        b"\x9f\x01\xff",  # indefinite length
+        b"\x81\x5a\x00\x00\x10\x00",  # a string longer than the buffer
+        b"\x81\x1c",  # reserved header value
+    ],
+)
+def test_split_batch_refuses_broken_framing(data: bytes) -> None:
+    with pytest.raises(DecodeError):
+        split_batch(data)

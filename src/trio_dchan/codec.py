@@ -56,6 +56,7 @@ import enum
 import gc
 import inspect
 import io
+import itertools
 import re
 import threading
 import zlib
@@ -93,6 +94,7 @@ __all__ = [
     "encode_batch",
     "join_encoded",
     "register",
+    "split_batch",
 ]
 
 T = TypeVar("T")
@@ -137,8 +139,9 @@ class Limits:
     #: Python's recursion limit in the receiving program.
     max_depth: int = 64
     #: Most CBOR data items (every scalar, key, container and tag) in one
-    #: buffer. Each item becomes a Python object of up to ~100 bytes, so this
-    #: bounds memory growth from tiny items such as empty lists.
+    #: buffer, or in one message of a batch. Each item becomes a Python
+    #: object of up to ~100 bytes, so this bounds memory growth from tiny
+    #: items such as empty lists.
     max_items: int = 1 << 20
     #: Most elements in one array, set or map (map entries count once).
     max_container_length: int = 1 << 20
@@ -169,6 +172,13 @@ class Limits:
 
 
 DEFAULT_LIMITS: Final = Limits()
+# For walks that only check the framing.
+_NO_LIMITS: Final = Limits(
+    max_size=1 << 62,
+    max_items=1 << 62,
+    max_container_length=1 << 62,
+    max_string_length=1 << 62,
+)
 
 
 # --------------------------------------------------------------------------
@@ -871,12 +881,22 @@ _TAGS = _TagTable(
 )
 
 
-def _walk(data: bytes, limits: Limits, max_depth: int) -> None:
+def _walk(
+    data: bytes,
+    limits: Limits,
+    max_depth: int,
+    *,
+    batch: bool = False,
+    cuts: list[int] | None = None,
+) -> None:
     """Check a buffer's headers against ``limits`` without building values.
 
     Also rejects what cbor2 would reject anyway (truncation, indefinite
     lengths, reserved header values, trailing bytes), so that cbor2 only
-    ever runs on buffers whose sizes are known to be within bounds.
+    ever runs on buffers whose sizes are known to be within bounds. With
+    ``batch``, ``limits.max_items`` applies to each element of the
+    top-level array instead of to the whole buffer, and ``cuts`` (if given)
+    receives the offset where each element begins.
     """
     end = len(data)
     max_items = limits.max_items
@@ -895,11 +915,18 @@ def _walk(data: bytes, limits: Limits, max_depth: int) -> None:
         remaining -= 1
         if pos >= end:
             raise DecodeError("truncated CBOR data")
+        if batch and len(stack) == 1:
+            items = 0  # a message of the batch begins
+            if cuts is not None:
+                cuts.append(pos)
         initial = data[pos]
         pos += 1
         items += 1
         if items > max_items:
-            raise DecodeError(f"more than {max_items} CBOR items in one buffer")
+            raise DecodeError(
+                f"more than {max_items} CBOR items in one "
+                + ("message" if batch and stack else "buffer")
+            )
         major = initial >> 5
         info = initial & 0x1F
         if info < 24:
@@ -981,6 +1008,26 @@ _READ_SIZE: Final = 1 << 30
 _POOL_MAX_SIZE: Final = 256 * 1024
 
 
+def split_batch(data: bytes | bytearray | memoryview) -> list[bytes]:
+    """Cut a batch buffer into the encodings of its messages, decoding none.
+
+    For a batch that :func:`decode_batch` refused: decoding the parts one by
+    one with :func:`decode` tells the bad messages from the good ones. Only
+    the framing is checked (an array of complete CBOR items, no indefinite
+    lengths, nothing after it); a buffer that fails it raises
+    :class:`~trio_dchan.errors.DecodeError`. Runs in pure Python, at a
+    fraction of a microsecond per CBOR item.
+    """
+    if type(data) is not bytes:
+        data = bytes(memoryview(data))
+    if not data or data[0] >> 5 != 4:
+        raise DecodeError("a batch must be a CBOR array of messages")
+    cuts: list[int] = []
+    _walk(data, _NO_LIMITS, len(data), batch=True, cuts=cuts)
+    cuts.append(len(data))
+    return [data[a:b] for a, b in itertools.pairwise(cuts)]
+
+
 def _decode(data: Any, limits: Limits | None, extra_depth: int) -> Any:
     if limits is None:
         limits = DEFAULT_LIMITS
@@ -991,7 +1038,7 @@ def _decode(data: Any, limits: Limits | None, extra_depth: int) -> Any:
         raise DecodeError(f"buffer of {size} bytes exceeds the limit of {limits.max_size}")
     max_depth = limits.max_depth + extra_depth
     if size > limits._walk_above:
-        _walk(data, limits, max_depth)
+        _walk(data, limits, max_depth, batch=extra_depth > 0)
     idle = _decoder_pool.idle
     try:
         reader = idle.pop(max_depth, None)
@@ -1042,10 +1089,11 @@ def decode_batch(
 ) -> list[Any]:
     """Decode a buffer from :func:`encode_batch` or :func:`join_encoded`.
 
-    Each value gets the full ``limits.max_depth``; the other limits apply to
-    the buffer as a whole. A buffer that is not a batch, or any invalid
-    message in it, raises :class:`~trio_dchan.errors.DecodeError` for the
-    whole buffer.
+    Each value gets the full ``limits.max_depth`` and ``limits.max_items``;
+    the other limits apply to the buffer as a whole. A buffer that is not a
+    batch, or any invalid message in it, raises
+    :class:`~trio_dchan.errors.DecodeError` for the whole buffer
+    (:func:`split_batch` then finds the messages that decode).
     """
     value = _decode(data, limits, 1)
     if type(value) is not list:

@@ -100,7 +100,9 @@ class _Owner:
 
     async def wait_drained(self) -> None:
         if self.outstanding:
-            self.drained = trio.Event()
+            # Tasks closing clones of one channel at once share one event.
+            if self.drained is None or self.drained.is_set():
+                self.drained = trio.Event()
             await self.drained.wait()
 
 
@@ -113,7 +115,7 @@ _Waiting = tuple[bytes, _Owner, Receipt | None, float]
 class _Slot:
     """One receiver as seen by a sending node: where it lives and our credit there."""
 
-    __slots__ = ("credit", "dead", "ns", "peer", "rid", "rid_bytes", "want_sent")
+    __slots__ = ("credit", "dead", "ns", "peer", "rid", "rid_bytes", "used", "want_sent")
 
     def __init__(self, ns: _NsSender, rid: str, peer: _PeerOut) -> None:
         self.ns = ns
@@ -123,6 +125,8 @@ class _Slot:
         self.credit = 0
         self.want_sent = False
         self.dead = False
+        #: A frame carried messages for this receiver since the last sweep.
+        self.used = False
 
     def want(self) -> None:
         if self.peer.connected:
@@ -430,6 +434,7 @@ class _PeerOut:
         most = self.plane.settings.batch_target
         most_bytes = self.plane.settings.batch_target_bytes
         unacked = self.unacked_frames
+        sweep_at = trio.current_time() + idle
         try:
             while True:
                 if len(unacked) >= window and not self.control:
@@ -511,16 +516,38 @@ class _PeerOut:
                     unacked.append(self.next_seq - 1)
                 if frame:
                     await link.send_frame(frame)
+                now = trio.current_time()
+                if now >= sweep_at:
+                    sweep_at = now + idle
+                    self._return_unused_credit()
         except Exception as exc:
             logger.info("data link to %s failed while sending: %r", self.node_id, exc)
             scope.cancel()
 
     def _return_idle_credit(self) -> None:
+        """Nothing was sent to this peer for a while: give all credit back."""
         for slot in self.slots.values():
+            slot.used = False
             if slot.credit:
-                self.control.append(fr.rid_count(fr.RETURN, slot.rid, slot.credit))
-                slot.credit = 0
-                slot.want_sent = False
+                self._return_credit(slot)
+
+    def _return_unused_credit(self) -> None:
+        """Give back the credit of receivers no frame served since the last sweep.
+
+        The peer is busy with other receivers (or it would be idle), and a
+        namespace that stopped sending must not keep room that other
+        sending nodes could use.
+        """
+        for slot in self.slots.values():
+            if slot.used:
+                slot.used = False
+            elif slot.credit:
+                self._return_credit(slot)
+
+    def _return_credit(self, slot: _Slot) -> None:
+        self.control.append(fr.rid_count(fr.RETURN, slot.rid, slot.credit))
+        slot.credit = 0
+        slot.want_sent = False
 
     def _build(self) -> list[bytes]:
         parts = self.control
@@ -555,6 +582,7 @@ class _PeerOut:
             if not n:
                 parts.pop()
                 break
+            slot.used = True
             head = codec.batch_header(n)
             parts[at] = fr.batch_header(seq, n, slot.rid_bytes, len(head) + size) + head
             budget -= len(parts[at]) + size
@@ -1355,18 +1383,39 @@ class DataPlane:
                 if take == 0:
                     stream.refusals.append(fr.refuse(first, count, fr.Refusal.NO_CREDIT))
                     continue
+                stream.granted[rid] = granted - take
+                inbox.granted_total -= take
+                mixed = False
+                values: list[Any] | None
                 try:
                     values = codec.decode_batch(rec.payload)
                 except Exception as exc:
-                    logger.warning("undecodable batch from %s for %s: %s", stream.peer, rid, exc)
-                    values = None
-                stream.granted[rid] = granted - take
-                inbox.granted_total -= take
+                    values = _decode_each(stream.peer, rid, rec.payload, count, exc)
+                    mixed = True
                 if values is None or len(values) != count:
                     stream.refusals.append(fr.refuse(first, count, fr.Refusal.INVALID))
                     inbox.grant()
                     continue
-                inbox.place(values if take == count else values[:take])
+                if take < count:
+                    values = values[:take]
+                if mixed:
+                    # Refuse the bad messages alone; the others are placed.
+                    good = []
+                    i = 0
+                    while i < take:
+                        if values[i] is not _UNDECODABLE:
+                            good.append(values[i])
+                            i += 1
+                            continue
+                        bad = i
+                        while i < take and values[i] is _UNDECODABLE:
+                            i += 1
+                        stream.refusals.append(fr.refuse(first + bad, i - bad, fr.Refusal.INVALID))
+                    values = good
+                    inbox.place(values)
+                    inbox.grant()
+                else:
+                    inbox.place(values)
                 if take < count:
                     stream.refusals.append(
                         fr.refuse(first + take, count - take, fr.Refusal.NO_CREDIT)
@@ -1378,10 +1427,17 @@ class DataPlane:
                 if inbox is None or inbox.closing:
                     continue
                 inbox.wanters[stream] = rec.n
+                if stream.credit_out.get(rec.rid):
+                    # The sender asks while credit for it waits here for an
+                    # ack that may never come: it has nothing on the way.
+                    stream.urgent = True
                 inbox.grant()
             else:  # RETURN
+                # The sender gives back what it holds; credit granted to it
+                # but not yet told (it waited for an ack) is taken back too,
+                # or it would stay counted as granted with nobody to use it.
                 granted = stream.granted.get(rec.rid, 0)
-                back = min(rec.n, granted)
+                back = min(rec.n + stream.credit_out.pop(rec.rid, 0), granted)
                 stream.granted[rec.rid] = granted - back
                 inbox = inboxes.get(rec.rid)
                 if inbox is not None:
@@ -1389,6 +1445,53 @@ class DataPlane:
                     inbox.wanters.pop(stream, None)
                     inbox.grant()
         stream.kick()
+
+
+#: Stands for a message of a batch that did not decode.
+_UNDECODABLE: Any = object()
+
+
+def _decode_each(
+    peer: NodeId, rid: str, payload: bytes | memoryview, count: int, exc: Exception
+) -> list[Any] | None:
+    """Decode a refused batch message by message: one bad message fails alone.
+
+    Returns the values with :data:`_UNDECODABLE` in place of each message
+    that does not decode, or None when the batch's framing itself is broken
+    (then every message in it fails).
+    """
+    try:
+        parts = codec.split_batch(payload)
+    except Exception as broken:
+        logger.warning("undecodable batch from %s for %s: %s", peer, rid, broken)
+        return None
+    if len(parts) != count:
+        logger.warning(
+            "batch from %s for %s holds %d messages, its header says %d",
+            peer,
+            rid,
+            len(parts),
+            count,
+        )
+        return None
+    values: list[Any] = []
+    bad = 0
+    for part in parts:
+        try:
+            values.append(codec.decode(part))
+        except Exception:
+            values.append(_UNDECODABLE)
+            bad += 1
+    if bad:
+        logger.warning(
+            "%d of %d messages from %s for %s do not decode, refused: %s",
+            bad,
+            count,
+            peer,
+            rid,
+            exc,
+        )
+    return values
 
 
 def _check_namespace(namespace: str) -> None:

@@ -58,8 +58,10 @@ class DataPlaneSettings:
     #: decode, and a receiver with only two of them in its credit would wait
     #: for each.
     batch_target_bytes: int = 256 * 1024
-    #: A sending node gives unused credit back after this long without sending
-    #: to a peer, so an idle sender does not hold a receiver's space.
+    #: A sending node gives credit back after this long without using it: all
+    #: of it when nothing was sent to the peer, a receiver's when no frame
+    #: carried messages for it (between one and two such periods), so an idle
+    #: sender does not hold a receiver's space.
     credit_idle_return: float = 0.25
     #: How long an accepted message may wait for a receiver with credit
     #: (after a refusal or a lost connection before it was sent) before it is
