@@ -125,6 +125,7 @@ class _Progress:
         "next",
         "paused",
         "sent_commit",
+        "snap",
         "snap_index",
         "snap_offset",
         "stall",
@@ -140,11 +141,17 @@ class _Progress:
         self.active = False
         self.sent_commit = 0
         self.stall = 0
+        #: The snapshot being streamed to this follower. It is kept until the
+        #: transfer ends even if the leader compacts again meanwhile: starting
+        #: over with each newer snapshot, a follower that needs longer to
+        #: receive one than the leader takes to compact would never finish.
+        self.snap: Snapshot | None = None
         self.snap_index = 0
         self.snap_offset = 0
 
     def become_probe(self) -> None:
         self.state = _PROBE
+        self.snap = None
         self.next = self.match + 1
         self.paused = False
         self.inflight.clear()
@@ -152,6 +159,7 @@ class _Progress:
 
     def become_replicate(self) -> None:
         self.state = _REPLICATE
+        self.snap = None
         self.next = self.match + 1
         self.paused = False
         self.inflight.clear()
@@ -1109,7 +1117,7 @@ class RaftCore:
                 self._need_flush = True
         elif t is MessageType.SNAPSHOT_RESP:
             pr.active = True
-            snap = self._snapshot
+            snap = pr.snap
             if pr.state != _SNAPSHOT or snap is None or m.snapshot != snap.meta:
                 return
             # With one chunk in flight, the offset the follower expects is
@@ -1286,18 +1294,16 @@ class RaftCore:
             return
         pr.state = _SNAPSHOT
         pr.inflight.clear()
+        pr.snap = snap
         pr.snap_index = snap.meta.index
         pr.snap_offset = 0
         pr.stall = 0
         self._send_snapshot_chunk(peer, pr)
 
     def _send_snapshot_chunk(self, peer: NodeId, pr: _Progress) -> None:
-        snap = self._snapshot
-        if snap is None:  # pragma: no cover
+        snap = pr.snap
+        if snap is None:  # pragma: no cover - set whenever the state is _SNAPSHOT
             return
-        if snap.meta.index != pr.snap_index:
-            pr.snap_index = snap.meta.index
-            pr.snap_offset = 0
         off = min(pr.snap_offset, len(snap.data))
         data = snap.data[off : off + self._cfg.snapshot_chunk_size]
         self._msgs.append(
