@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -316,6 +317,44 @@ def test_bit_flip_mid_log(tmp_path: Path) -> None:
     data[len(data) // 2] ^= 0x01
     seg.write_bytes(bytes(data))
     with pytest.raises(CorruptStorageError, match=rf"{seg.name}.*checksum"):
+        reopen(tmp_path)
+
+
+def _record_offsets(data: bytes) -> list[int]:
+    offsets, pos = [], 16
+    while pos < len(data):
+        offsets.append(pos)
+        pos += 8 + struct.unpack_from("<I", data, pos)[0]
+    return offsets
+
+
+@pytest.mark.parametrize("bit", [12, 20, 31])
+@pytest.mark.parametrize("which", ["entry mid-log", "last entry"])
+def test_damaged_length_mid_log_is_not_taken_for_a_torn_tail(
+    tmp_path: Path, bit: int, which: str
+) -> None:
+    # A length field that points past the end of the file looks like a
+    # record cut by a crash, but records follow it: truncating there would
+    # silently drop committed entries (and the commit records telling so).
+    storage = open_fs(tmp_path)
+    storage.load()
+    storage.save(HardState(1, None, 0), entries(1, 1), None)
+    for i in range(2, 21):
+        storage.save(HardState(1, None, i - 1), entries(i, i), None)
+    storage.save(HardState(1, None, 20), [], None)
+    storage.close()
+    seg = segments(tmp_path)[-1]
+    data = bytearray(seg.read_bytes())
+    offsets = _record_offsets(bytes(data))
+    # Entry records are those whose type byte is below 0x80.
+    entry_at = [o for o in offsets if data[o + 24] < 0x80]
+    pos = entry_at[4] if which == "entry mid-log" else entry_at[-1]
+    size = struct.unpack_from("<I", data, pos)[0]
+    damaged = size ^ (1 << bit)
+    assert pos + 8 + damaged > len(data)
+    struct.pack_into("<I", data, pos, damaged)
+    seg.write_bytes(bytes(data))
+    with pytest.raises(CorruptStorageError, match=rf"{seg.name}.*length is damaged"):
         reopen(tmp_path)
 
 

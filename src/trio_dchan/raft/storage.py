@@ -417,6 +417,47 @@ def _zero_sector_within(view: memoryview, start: int, stop: int) -> bool:
     return False
 
 
+_INDEX = struct.Struct("<Q")
+#: How many places that look like a record's index field are checked.
+_MAX_PROBES = 1024
+
+
+def _intact_record_after(data: bytes, view: memoryview, pos: int, index: int) -> bool:
+    """Whether the log goes on, intact, past a record whose length runs past the end.
+
+    A crash cuts the file inside the record it was writing: nothing intact
+    follows. A damaged length field makes a whole record look cut; its true
+    length then gives back its checksum (for one flipped bit, among 32
+    candidates), or intact later records are found behind it (the next
+    entry, ``index + 1``, or a commit record naming ``index``).
+    """
+    end = len(data)
+    size, crc = _FRAME.unpack_from(data, pos)
+    body = pos + _FRAME.size
+    for bit in range(32):
+        length = size ^ (1 << bit)
+        if _ENTRY.size <= length <= end - body and zlib.crc32(view[body : body + length]) == crc:
+            return True
+    probes = 0
+    for later in (index + 1, index):
+        needle = _INDEX.pack(later)
+        # A record's index field sits 16 bytes into it (length, crc, term).
+        hit = data.find(needle, body + _ENTRY.size + 16)
+        while hit != -1 and probes < _MAX_PROBES:
+            probes += 1
+            start = hit - 16
+            length, check = _FRAME.unpack_from(data, start)
+            stop = start + _FRAME.size + length
+            if (
+                _ENTRY.size <= length
+                and stop <= end
+                and zlib.crc32(view[start + _FRAME.size : stop]) == check
+            ):
+                return True
+            hit = data.find(needle, hit + 1)
+    return False
+
+
 def segment_name(first_index: int) -> str:
     return f"log-{first_index:020d}.seg"
 
@@ -703,6 +744,12 @@ class FileStorage:
             body_start = pos + _FRAME.size
             body_end = body_start + size
             if body_end > end:
+                if _intact_record_after(data, view, pos, first + len(entries)):
+                    raise CorruptStorageError(
+                        f"{path}: the record at offset {pos} (index {first + len(entries)})"
+                        f" claims {size} bytes, past the end of the file, but intact records"
+                        " follow it: its length is damaged; the log is corrupt"
+                    )
                 torn = "a partial record"
                 break
             if size < _ENTRY.size or zlib.crc32(view[body_start:body_end]) != crc:
