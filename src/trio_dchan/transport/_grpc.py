@@ -29,10 +29,11 @@ import trio
 from grpclib.client import Channel
 from grpclib.client import Stream as ClientStream
 from h2.connection import ConnectionInputs
+from h2.exceptions import ProtocolError as H2ProtocolError
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
+from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, PushPromiseFrame
 from hyperframe.frame import DataFrame as H2DataFrame
-from hyperframe.frame import Frame
 
 from ._strict import check_wire
 from .errors import MessageTooLarge, PeerProtocolError
@@ -119,6 +120,11 @@ def drop_dead_connection(channel: Channel) -> None:
 #: The default, 16 KiB, splits a 1 MiB batch into 64 frames, each costing h2
 #: and grpclib a full round of bookkeeping at both ends.
 LARGE_FRAME_BYTES = 1 << 22
+#: Most bytes of one header block (HEADERS plus its CONTINUATION frames). h2
+#: holds an unfinished block in memory, up to 64 frames: with our large
+#: frames that would be 256 MiB per connection, before any cluster check.
+#: gRPC metadata is a few hundred bytes here.
+MAX_HEADER_BLOCK_BYTES = 1 << 16
 
 
 class _QuietDataFrame(H2DataFrame):
@@ -170,6 +176,18 @@ class _QuietFrameBuffer(FrameBuffer):
         if type(frame) is H2DataFrame:
             frame.__class__ = _QuietDataFrame
         return frame
+
+    def _update_header_buffer(self, f: Frame | None) -> Frame | None:
+        if isinstance(f, _HEADER_FRAMES):
+            size = len(f.data) + sum(len(x.data) for x in self._headers_buffer)
+            if size > MAX_HEADER_BLOCK_BYTES:
+                raise H2ProtocolError(
+                    f"a header block of over {MAX_HEADER_BLOCK_BYTES} bytes was received"
+                )
+        return super()._update_header_buffer(f)
+
+
+_HEADER_FRAMES = (HeadersFrame, ContinuationFrame, PushPromiseFrame)
 
 
 def tune_loop(loop: Any) -> None:
@@ -266,7 +284,7 @@ async def finish_client_stream(
     stream: ClientStream[Any, Any], reply_type: type[M], limit: int
 ) -> M | None:
     """End our half, read the single reply and the trailers (raising on error status)."""
-    await stream.end()
+    await _end(stream)
     reply = await recv_limited(stream, reply_type, limit)
     await stream.recv_trailing_metadata()
     await stream.__aexit__(None, None, None)
@@ -282,16 +300,41 @@ async def finish_bidi_stream(stream: ClientStream[Any, Any]) -> None:
 
 @lost_connection_as_oserror
 async def end(stream: ClientStream[Any, Any]) -> None:
+    await _end(stream)
+
+
+async def _end(stream: ClientStream[Any, Any]) -> None:
+    """End our half of a client stream, unless the peer already closed it.
+
+    A peer that refuses a call answers with its status and resets the
+    stream; ending it then would raise h2's ``StreamClosedError`` (grpclib
+    does not translate it here). Reading the trailers afterwards raises the
+    peer's status instead, which says what went wrong.
+    """
+    stream_obj = getattr(stream, "_stream", None)
+    if stream_obj is not None and not stream_obj.closable:
+        return
     await stream.end()
 
 
+def _reset(stream_obj: Any) -> None:
+    """Queue RST_STREAM without waiting for the connection to take writes.
+
+    grpclib's ``cancel()`` first waits until the socket can take more, so a
+    peer that stopped reading (a stopped process, a partition) would hold
+    every cancellation and shutdown until TCP gives up, minutes later. h2
+    sends the queued frame with the next write that goes through.
+    """
+    if stream_obj is not None and stream_obj.closable:
+        stream_obj.reset_nowait()
+
+
 async def abort(stream: ClientStream[Any, Any]) -> None:
-    """Reset a client stream (RST_STREAM) and release it; never raises."""
+    """Reset a client stream (RST_STREAM) and release it, without waiting; never raises."""
     try:
         if stream._send_request_done and not stream._cancel_done:
-            stream_obj = getattr(stream, "_stream", None)
-            if stream_obj is not None and stream_obj.closable:
-                await stream.cancel()
+            _reset(getattr(stream, "_stream", None))
+            stream._cancel_done = True
     except Exception:  # the connection may already be gone: nothing to reset
         pass
     try:
@@ -302,10 +345,11 @@ async def abort(stream: ClientStream[Any, Any]) -> None:
 
 
 async def cancel_server_stream(stream: Any) -> None:
-    """Reset a server stream (RST_STREAM); never raises."""
+    """Reset a server stream (RST_STREAM) without waiting; never raises."""
     try:
-        if not stream._cancel_done and stream._stream.closable:
-            await stream.cancel()
+        if not stream._cancel_done:
+            _reset(stream._stream)
+            stream._cancel_done = True
     except Exception:
         pass
 

@@ -29,6 +29,7 @@ from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server
+from h2.exceptions import ProtocolError as H2ProtocolError
 
 from trio_dchan._proto.dchan import v1 as pb
 from trio_dchan.errors import DchanError
@@ -64,6 +65,7 @@ _LINK_ERRORS = (
     GRPCError,
     StreamTerminatedError,
     ProtocolError,
+    H2ProtocolError,
     TimeoutError,
     TransportError,
     trio.TooSlowError,
@@ -239,6 +241,10 @@ class _LinkBase:
         except _LINK_ERRORS as exc:
             await self._break(exc)
             raise trio.BrokenResourceError(f"the data link to {self._peer} broke") from exc
+        except asyncio.CancelledError as exc:
+            # The transport closed its event loop under a wait on it.
+            self._broken = exc
+            raise trio.BrokenResourceError(f"the transport of {self._peer} closed") from exc
         finally:
             self._send_busy = False
 
@@ -258,6 +264,10 @@ class _LinkBase:
         except _LINK_ERRORS as exc:
             await self._break(exc)
             raise trio.BrokenResourceError(f"the data link to {self._peer} broke") from exc
+        except asyncio.CancelledError as exc:
+            # The transport closed its event loop under a wait on it.
+            self._broken = exc
+            raise trio.BrokenResourceError(f"the transport of {self._peer} closed") from exc
         finally:
             self._recv_busy = False
         if payload is None:
@@ -382,28 +392,30 @@ class _ClientLink(_LinkBase):
             await trio.lowlevel.checkpoint()
             return
         clean = False
-        with trio.move_on_after(self._close_timeout) as scope:
-            scope.shield = True
-            try:
-                if not self._ended:
-                    self._ended = True
-                    await self._aio(_grpc.end)(self._stream)
-                # Drain whatever the peer still sends, then read its trailers.
-                while not self._remote_ended:
-                    frame = await self._aio(_grpc.recv_limited)(
-                        self._stream, pb.DataFrame, self._limit
-                    )
-                    if frame is None:
-                        self._remote_ended = True
+        try:
+            with trio.move_on_after(self._close_timeout) as scope:
+                scope.shield = True
+                try:
+                    if not self._ended:
+                        self._ended = True
+                        await self._aio(_grpc.end)(self._stream)
+                    # Drain whatever the peer still sends, then read its trailers.
+                    while not self._remote_ended:
+                        frame = await self._aio(_grpc.recv_limited)(
+                            self._stream, pb.DataFrame, self._limit
+                        )
+                        if frame is None:
+                            self._remote_ended = True
+                    self._finished = True
+                    await self._aio(_grpc.finish_bidi_stream)(self._stream)
+                    clean = True
+                except _LINK_ERRORS:
+                    pass
+        finally:
+            if not clean:
                 self._finished = True
-                await self._aio(_grpc.finish_bidi_stream)(self._stream)
-                clean = True
-            except _LINK_ERRORS:
-                pass
-        if not clean:
-            self._finished = True
-            with trio.CancelScope(shield=True):
-                await self._aio(_grpc.abort)(self._stream)
+                with trio.CancelScope(shield=True):
+                    await self._aio(_grpc.abort)(self._stream)
 
 
 class GrpcTransport:
