@@ -121,6 +121,33 @@ def test_errors_keep_their_type_and_attributes() -> None:
     assert isinstance(back, RemoteCallError)
 
 
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {},  # NotLeader without its leader
+        {"args": 5},  # not one of its attributes (and setting it would raise)
+        {"leader": None, "args": 5},
+        {"leader": "n2", "__class__": "x"},
+    ],
+)
+def test_an_error_is_rebuilt_only_with_the_attributes_its_class_has(
+    attributes: dict[str, object],
+) -> None:
+    import cbor2
+
+    from trio_dchan.raft.errors import NotLeader
+    from trio_dchan.transport import RemoteCallError
+
+    err = pb.RemoteError(kind="NotLeader", message="m", attributes=cbor2.dumps(attributes))
+    back = error_from_pb("p", err)
+    if "leader" in attributes:
+        assert isinstance(back, NotLeader)
+        assert back.leader == attributes["leader"]
+        assert set(vars(back)) == {"leader"}
+    else:
+        assert isinstance(back, RemoteCallError)
+
+
 async def test_grpclib_lost_connection_race_is_reported_as_a_connection_error() -> None:
     from trio_dchan.transport._grpc import lost_connection_as_oserror
 

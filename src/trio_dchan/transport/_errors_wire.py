@@ -11,6 +11,7 @@ classes of the library's Raft layer are rebuilt; anything else becomes a
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 import cbor2
@@ -55,8 +56,38 @@ def _find_error_class(kind: str) -> type[DchanError] | None:
     return None
 
 
+def _fields(cls: type[DchanError]) -> dict[str, object] | None:
+    """The attributes an instance of ``cls`` has: its constructor's parameters.
+
+    Maps each name to its default (``inspect.Parameter.empty`` if it has
+    none). A constructor that names none (``*args, **kwargs``) gives an empty
+    mapping: the error carries its message alone. None if ``cls`` has no
+    readable signature.
+    """
+    if cls in _FIELDS:
+        return _FIELDS[cls]
+    try:
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    except (TypeError, ValueError):  # pragma: no cover - every class has a signature
+        fields = None
+    else:
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        fields = {p.name: p.default for p in parameters if p.kind in named}
+    _FIELDS[cls] = fields
+    return fields
+
+
+_FIELDS: dict[type[DchanError], dict[str, object] | None] = {}
+
+
 def error_from_pb(peer: str, err: pb.RemoteError) -> DchanError:
-    """Rebuild the peer's error; never raises."""
+    """Rebuild the peer's error; never raises.
+
+    Only the constructor's parameters are taken from the peer, and every one
+    without a default must be there, so a rebuilt error has exactly the
+    attributes a local one has; otherwise it becomes a
+    :class:`RemoteCallError`.
+    """
     try:
         attrs = cbor2.loads(err.attributes) if err.attributes else {}
     except Exception:
@@ -72,14 +103,19 @@ def error_from_pb(peer: str, err: pb.RemoteError) -> DchanError:
         # The peer itself could not reach someone: from here the outcome is
         # unknown, the request did reach a node.
         return Unavailable(peer, err.message, maybe_delivered=True)
+    fields = _fields(cls)
+    if fields is None:
+        return RemoteCallError(peer, err.kind, err.message)
     exc = cls.__new__(cls)
     Exception.__init__(exc, err.message)
-    for name, value in attrs.items():
-        if not name.startswith("_"):
-            try:
-                setattr(exc, name, value)
-            except AttributeError:
-                pass
+    for name, default in fields.items():
+        value = attrs.get(name, default)
+        if value is inspect.Parameter.empty:
+            return RemoteCallError(peer, err.kind, err.message)
+        try:
+            setattr(exc, name, value)
+        except Exception:
+            return RemoteCallError(peer, err.kind, err.message)
     return exc
 
 
