@@ -125,7 +125,8 @@ class _Slot:
         self.credit = 0
         self.want_sent = False
         self.dead = False
-        #: A frame carried messages for this receiver since the last sweep.
+        #: A frame carried messages for this receiver, or credit for it came,
+        #: since the last sweep.
         self.used = False
 
     def want(self) -> None:
@@ -621,6 +622,9 @@ class _PeerOut:
                         self.kick()
                     continue
                 slot.credit += rec.n
+                # Fresh credit counts as use until the next sweep: the
+                # senders it unblocks have not had their turn yet.
+                slot.used = True
                 touched.add(slot.ns)
             elif isinstance(rec, fr.Refuse):
                 last = rec.first_seq + rec.count - 1
