@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 
 class ClusterUnavailable(DchanError):
-    """The node could not join its cluster or find a leader in time."""
+    """The node could not join its cluster or find a leader in time, or could not leave it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,9 +316,8 @@ async def open_cluster(
                             peer_list,
                             rng,
                         )
-                    await node.wait_leader_known()
                     # Receivers this node registered in an earlier life are gone.
-                    await node.propose(encode_command(UnregisterNode(node_id)))
+                    await _propose_until_done(node, encode_command(UnregisterNode(node_id)))
                 if scope.cancelled_caught:
                     raise ClusterUnavailable(
                         f"node {node_id} could not join cluster {cluster_id!r} and reach a "
@@ -344,18 +343,27 @@ async def open_cluster(
                     transport.attach(data_handler=plane, status=cluster._status)
                     yield cluster
                 if cluster._leave:
-                    # The answer comes from the node that ran the removal: this
-                    # node, once removed, may never hear of the commit.
-                    others = [p for p in peer_list if p != node_id]
-                    hint = node.leader if node.leader != node_id else None
+                    # The answer comes from the node that ran the removal: a
+                    # follower, once removed, may never hear of the commit, so
+                    # it asks the leader (itself, if it leads). The members it
+                    # knows now are asked too: the peers it was started with
+                    # may have left since.
+                    others = sorted((set(peer_list) | set(node.members.members)) - {node_id}) or [
+                        node_id
+                    ]
                     with trio.move_on_after(settings.leave_timeout):
-                        await _ask_leader(
-                            functools.partial(_leave, transport, node_id),
-                            "leaving the cluster",
-                            others or peer_list,
-                            rng,
-                            hint,
-                        )
+                        try:
+                            await _ask_leader(
+                                functools.partial(_leave, transport, node_id),
+                                "leaving the cluster",
+                                others,
+                                rng,
+                                node.leader,
+                            )
+                        except InvalidConfChange as exc:
+                            raise ClusterUnavailable(
+                                f"node {node_id} cannot leave the cluster: {exc}"
+                            ) from None
                         left = True
                     if not left:
                         raise ClusterUnavailable(
@@ -394,6 +402,28 @@ async def _leaderless(node: RaftNode, grace: float) -> None:
             return
     except NodeStopped:
         return
+
+
+async def _propose_until_done(node: RaftNode, command: bytes) -> None:
+    """Propose ``command`` until it commits; the caller bounds the time.
+
+    For idempotent commands only: a proposal whose outcome is unknown (the
+    leader died after it was sent) or that was dropped (a new leader) is
+    proposed again once a leader is known.
+    """
+    delay = 0.05
+    while True:
+        await node.wait_leader_known()
+        try:
+            await node.propose(command)
+        except NodeStopped:
+            raise
+        except (DchanError, OSError) as exc:
+            log.info("start-up proposal failed, retrying: %r", exc)
+        else:
+            return
+        await trio.sleep(delay)
+        delay = min(delay * 2, 1.0)
 
 
 async def _join(transport: GrpcTransport, node_id: NodeId, to: NodeId) -> None:
@@ -438,6 +468,8 @@ async def _ask_leader(
             except NotLeader as exc:
                 if exc.leader is not None and exc.leader not in tried:
                     queue.insert(0, exc.leader)
+            except InvalidConfChange:
+                raise  # the leader refused it: asking again cannot help
             except (DchanError, OSError) as exc:
                 log.info("%s through %s failed: %r", what, target, exc)
             else:

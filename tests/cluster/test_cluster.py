@@ -396,3 +396,71 @@ async def test_the_whole_cluster_stopping_at_once_does_not_wait_out_unregistrati
         for rx in receivers:  # the node's shutdown ended them
             with pytest.raises(trio.EndOfChannel):
                 rx.receive_nowait()
+
+
+async def test_a_start_survives_the_leader_dying_under_its_first_proposal(tmp_path: Any) -> None:
+    # A node restarting from its data_dir unregisters the receivers of its
+    # earlier run through the leader. The leader stalls on that proposal and
+    # dies; the survivors elect another within start_timeout, so the start
+    # must go on there, not fail with the proposal's unknown outcome.
+    from trio_dchan.raft.transport import Proposal, ProposalKind
+
+    async with local_cluster(3, seed=31, start=False) as lc:
+        dirs = {a: tmp_path / f"n{i}" for i, a in enumerate(lc.addresses)}
+        for a in lc.addresses:
+            lc.start(a, data_dir=dirs[a])
+        await lc.wait_up()
+        leader = await lc.leader()
+        restarting = next(a for a in lc.addresses if a != leader.node_id)
+        await lc.close(restarting)
+        arrived = trio.Event()
+        real = leader.raft.handle_forward
+
+        async def stalled(proposal: Proposal) -> object:
+            if proposal.kind == ProposalKind.COMMAND:
+                arrived.set()
+                await trio.sleep_forever()  # a stalled leader (GC pause, slow disk) ...
+            return await real(proposal)
+
+        leader.raft.handle_forward = stalled  # type: ignore[method-assign]
+        lc.start(restarting, data_dir=dirs[restarting])
+        with trio.fail_after(STEP):
+            await arrived.wait()
+        await lc.kill(leader.node_id)  # ... that then dies
+        await lc.wait_up(restarting)
+        assert lc.error(restarting) is None
+
+
+async def test_a_leader_whose_listed_peers_are_gone_can_leave() -> None:
+    # A rolling replacement: d and e joined through s, then s left. When the
+    # leader of {d, e} leaves, nobody in its own peer list is left to ask; it
+    # must run the removal itself, or the survivor is left without a quorum.
+    async with local_cluster(1, seed=41) as lc:
+        (seed,) = lc.addresses
+        joined = []
+        for _ in range(2):
+            sock = bound_socket()
+            address = f"127.0.0.1:{sock.getsockname()[1]}"
+            lc._members[address] = type(lc._members[seed])(address, sock)
+            lc.start(address, peers=[seed])
+            await lc.wait_up(address)
+            joined.append(address)
+        lc[seed].leave()
+        await lc.close(seed)
+        leader = await lc.leader(lambda: [lc[a] for a in joined])
+        (survivor,) = [a for a in joined if a != leader.node_id]
+        leader.leave()
+        await lc.close(leader.node_id)
+        with trio.fail_after(STEP):
+            await lc[survivor].raft.wait_for(lambda n: n.members.voters == {survivor})
+
+
+async def test_leaving_as_the_last_voter_fails_at_once_with_the_reason() -> None:
+    sock = bound_socket()
+    address = f"127.0.0.1:{sock.getsockname()[1]}"
+    with trio.fail_after(FAST.leave_timeout / 2):
+        with pytest.raises(ClusterUnavailable, match="last voter"):
+            async with open_cluster(
+                address, cluster_id="solo", peers=[address], settings=FAST, sock=sock
+            ) as cluster:
+                cluster.leave()
