@@ -8,6 +8,7 @@ another namespace. Otherwise a sender blocks while a receiver has room.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import trio
 import trio.testing
@@ -223,3 +224,52 @@ async def test_item_dense_messages_are_delivered_in_one_batch() -> None:
         stats = tx.statistics()
         assert (stats.delivered, stats.failed) == (601, 0)
         assert [rx.receive_nowait() for _ in range(601)] == [value] * 601
+
+
+class _LaggingRegistry:
+    """The Registry as a node sees it, with routing a few scheduler passes late."""
+
+    def __init__(self, registry: Any) -> None:
+        self._registry = registry
+
+    @property
+    def version(self) -> int:
+        return int(self._registry.version)
+
+    def receivers(self, namespace: str) -> Any:
+        return self._registry.receivers(namespace)
+
+    async def wait_changed(self, since_version: int) -> int:
+        version = int(await self._registry.wait_changed(since_version))
+        for _ in range(5):
+            await trio.lowlevel.checkpoint()
+        return version
+
+
+async def test_a_hand_off_is_not_routed_back_and_keeps_its_deadline() -> None:
+    # A closing receiver's buffered messages go to other receivers, or fail
+    # after handoff_timeout. While this node's routing still lists the
+    # closing receiver (with credit), they must not be sent back to it:
+    # refused there, they would wait undeliverable_timeout instead.
+    settings = dataclasses.replace(FAST, handoff_timeout=0.2, undeliverable_timeout=30.0)
+    async with open_cluster(1, settings=settings) as cluster:
+        plane = cluster.planes["n0"]
+        rx = plane.receive("h", buffer=8)
+        await all_registered(rx)
+        plane.registry = _LaggingRegistry(cluster.registry)
+        # One more change, so that routing waits through the lagging view.
+        await all_registered(plane.receive("unrelated"))
+        tx = plane.send("h")
+        with trio.fail_after(5):
+            for i in range(4):
+                await tx.send(i)  # the node keeps 4 more credits for rx
+            await settle()
+        assert rx.statistics().current_buffer_used == 4
+        start = trio.current_time()
+        with trio.fail_after(5):
+            await rx.aclose()
+        assert trio.current_time() - start < 5 * settings.handoff_timeout
+        stats = rx.statistics()
+        assert (stats.handed_off, stats.dropped) == (0, 4)
+        assert tx.statistics().retried == 0
+        await tx.aclose()

@@ -454,3 +454,34 @@ async def test_cancelled_tracked_send_sends_nothing_and_statistics_add_up() -> N
         assert cluster.planes["n1"].statistics()["stats"].received == 1
         assert rx.statistics().received == 1
         await rx.aclose()
+
+
+async def test_wait_registered_on_a_closed_clone_raises_closed() -> None:
+    async with open_cluster(2) as cluster:
+        cluster.stalled = True  # the registration cannot commit yet
+        rx = cluster.planes["n1"].receive("ns", buffer=1)
+        closed_first = rx.clone()
+        closed_first.close()
+        with trio.fail_after(5):
+            with pytest.raises(trio.ClosedResourceError):
+                await closed_first.wait_registered()
+        # A task already waiting is woken by close(), with the same error.
+        waiting = rx.clone()
+        outcome: list[BaseException] = []
+
+        async def wait() -> None:
+            try:
+                await waiting.wait_registered()
+            except trio.ClosedResourceError as exc:
+                outcome.append(exc)
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait)
+                await settle()
+                waiting.close()
+        assert len(outcome) == 1
+        cluster.stalled = False
+        with trio.fail_after(5):
+            await rx.wait_registered()  # the receiver itself is unaffected
+        await rx.aclose()

@@ -215,6 +215,8 @@ class DistributedReceiveChannel(trio.abc.ReceiveChannel[Any]):
         self._inbox = inbox
         self._closed = False
         self._tasks: set[trio.lowlevel.Task] = set()
+        #: Set by close(), for tasks in wait_registered().
+        self._closed_event: trio.Event | None = None
 
     @classmethod
     def _create(cls, plane: DataPlane, inbox: _Inbox) -> DistributedReceiveChannel:
@@ -284,8 +286,24 @@ class DistributedReceiveChannel(trio.abc.ReceiveChannel[Any]):
         or :class:`trio.BrokenResourceError` if the receiver was closed
         (every clone) or the node shut down before it registered.
         """
+        if self._closed:
+            raise trio.ClosedResourceError("this receive channel was closed")
         inbox = self._inbox
-        await inbox.registered_event.wait()
+        if inbox.registered_event.is_set():
+            await trio.lowlevel.checkpoint()
+        else:
+            if self._closed_event is None:
+                self._closed_event = trio.Event()
+            closed = self._closed_event
+            async with trio.open_nursery() as nursery:
+
+                async def registered() -> None:
+                    await inbox.registered_event.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(registered)
+                await closed.wait()
+                nursery.cancel_scope.cancel()
         if self._closed:
             raise trio.ClosedResourceError("this receive channel was closed")
         if not inbox.registered:
@@ -305,6 +323,8 @@ class DistributedReceiveChannel(trio.abc.ReceiveChannel[Any]):
         if self._closed:
             return
         self._closed = True
+        if self._closed_event is not None:
+            self._closed_event.set()
         inbox = self._inbox
         for task in self._tasks:
             del inbox.waiting[task]

@@ -78,9 +78,9 @@ class RegistryView(Protocol):
 class _Owner:
     """Accepted-message accounting of one send channel (or one hand-off)."""
 
-    __slots__ = ("delivered", "drained", "failed", "outstanding", "unplaced")
+    __slots__ = ("deadline", "delivered", "drained", "failed", "outstanding", "unplaced")
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float | None = None) -> None:
         #: Accepted and not yet delivered or failed.
         self.outstanding = 0
         #: Accepted without a receiver's credit (waiting in the namespace queue).
@@ -88,6 +88,10 @@ class _Owner:
         self.delivered = 0
         self.failed = 0
         self.drained: trio.Event | None = None
+        #: When its untracked messages fail if no receiver took them (a
+        #: hand-off's own deadline); None: ``undeliverable_timeout`` after
+        #: each was accepted or taken back.
+        self.deadline = deadline
 
     def settle(self, ok: bool) -> None:
         if ok:
@@ -257,11 +261,12 @@ class _NsSender:
         self.retried += 1
         self.queued += 1
         owner.unplaced += 1
-        deadline = (
-            receipt.deadline
-            if receipt is not None
-            else trio.current_time() + self.plane.settings.undeliverable_timeout
-        )
+        if receipt is not None:
+            deadline = receipt.deadline
+        elif owner.deadline is not None:
+            deadline = owner.deadline
+        else:
+            deadline = trio.current_time() + self.plane.settings.undeliverable_timeout
         self.waiting.append((encoded, owner, receipt, deadline))
         self.plane._kick_expiry(deadline)
 
@@ -1280,8 +1285,16 @@ class DataPlane:
 
     async def _handoff(self, inbox: _Inbox, values: list[Any]) -> None:
         ns = self._sender(inbox.namespace)
-        owner = _Owner()
+        # This node must not route the messages back to the receiver they
+        # leave: its slot here may still hold credit until the Registry's
+        # change reaches the router.
+        slot = ns.by_rid.get(inbox.rid)
+        if slot is not None:
+            slot.credit = 0
+            slot.want_sent = True
+            slot.dead = True
         deadline = trio.current_time() + self.settings.handoff_timeout
+        owner = _Owner(deadline)
         ns.handoffs += 1
         try:
             for value in values:
