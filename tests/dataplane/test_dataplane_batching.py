@@ -148,3 +148,52 @@ async def test_a_batch_of_large_messages_leaves_once_it_reaches_its_byte_target(
         assert arrived == sent_at
         assert 100 <= len(values) <= 101
         assert [int.from_bytes(v[:2], "big") for v in values] == list(range(len(values)))
+
+
+async def test_credit_kept_for_a_namespace_no_longer_used_does_not_set_the_target(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The node holds plenty of credit for "old" (whose sender closed) when
+    # "new" starts with 64. A batch for "new" must aim at half of ITS credit
+    # (32), so that one batch travels while the next gathers; aiming at half
+    # of all credit held, it would wait until the sender ran dry.
+    async with open_cluster(1, settings=SETTINGS) as cluster:
+        links = cluster.fake_node("fake")
+        for ns in ("old", "new"):
+            await cluster.propose(encode_command(RegisterReceiver(ns, f"fake/{ns}", "fake", 8)))
+        grants = {"fake/old": 10_000, "fake/new": 64}
+        frames: list[list[Any]] = []
+
+        async def receiving_node() -> None:
+            link = await links.receive()
+            while True:
+                try:
+                    frame = await link.receive_frame()
+                except trio.EndOfChannel:
+                    return
+                records = list(fr.parse(frame, fr.TO_RECEIVER))
+                for rec in records:
+                    if isinstance(rec, fr.RidCount) and rec.kind == fr.WANT:
+                        await link.send_frame(fr.rid_count(fr.CREDIT, rec.rid, grants[rec.rid]))
+                batches = [r for r in records if isinstance(r, fr.Batch)]
+                if batches:
+                    if batches[0].rid == "fake/new":
+                        frames.append([v for b in batches for v in codec.decode_batch(b.payload)])
+                    last = batches[-1]
+                    await link.send_frame(fr.ack(last.first_seq + last.count - 1))
+
+        cluster.nursery.start_soon(receiving_node)
+        plane = cluster.planes["n0"]
+        with trio.fail_after(5):
+            async with plane.send("old") as old:
+                while old.statistics().credit == 0:  # noqa: ASYNC110 - a statistic, no event
+                    await trio.sleep(0.001)
+                await old.send("before")
+            new = plane.send("new")
+            while new.statistics().credit == 0:  # noqa: ASYNC110 - a statistic, no event
+                await trio.sleep(0.001)
+            for i in range(64):
+                await new.send(i)
+            await new.aclose()
+        assert [len(f) for f in frames] == [32, 32]
+        assert [v for f in frames for v in f] == list(range(64))

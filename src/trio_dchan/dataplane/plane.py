@@ -347,7 +347,8 @@ class _PeerOut:
         self._target_bytes = plane.settings.batch_target_bytes
         #: Bytes of the encoded messages in ``queue``.
         self.queued_bytes = 0
-        #: The most messages credit has let us have queued or on the way.
+        #: The most messages credit has let us have queued or on the way
+        #: (for namespaces in use, since the last sweep).
         self._reach = 0
         self._needed = trio.Event()
 
@@ -472,7 +473,10 @@ class _PeerOut:
                 # batch is in flight while the next one gathers.
                 reach = len(queue) + len(self.inflight)
                 for slot in self.slots.values():
-                    reach += slot.credit
+                    # Credit held for a namespace nobody sends into any more
+                    # (until it goes back) would set targets no batch meets.
+                    if slot.credit and slot.ns.active:
+                        reach += slot.credit
                 if reach > self._reach:
                     self._reach = reach
                 target = max(1, min(most, self._reach // 2))
@@ -526,6 +530,9 @@ class _PeerOut:
                 if now >= sweep_at:
                     sweep_at = now + idle
                     self._return_unused_credit()
+                    # The most seen since the last sweep: follows the
+                    # receivers now in use, not the busiest moment ever.
+                    self._reach = 0
         except Exception as exc:
             logger.info("data link to %s failed while sending: %r", self.node_id, exc)
             scope.cancel()
