@@ -13,7 +13,8 @@ process with another library, since trio-asyncio changes the loop policy):
   when the buffer drains), ``send_tracked`` on every message with the receipts awaited concurrently,
   p50 latency of one tracked send to its delivered receipt (one in flight),
   and the sender's RSS growth while a receiver that never reads is offered
-  1,000,000 messages (the sender blocks: it keeps trying for a bounded time);
+  1,000,000 messages (each offered with ``send_nowait``, which takes it or
+  raises ``WouldBlock``; then one awaited ``send()`` must block);
 * trio_dchan, 3 processes of a 3-node cluster, each with a sender and a
   receiver on one namespace: aggregate throughput;
 * baselines: a Trio memory channel (buffer 256) between two tasks of one
@@ -476,17 +477,34 @@ def child_dchan_send(
         emit(kind="latency", p50=statistics.median(samples))
 
     async def backpressure(cluster: Any) -> None:
+        # Every one of the `offer` messages is offered: send_nowait() takes
+        # it or raises WouldBlock, so a sender that buffered without limit
+        # would take them all (and grow). A checkpoint every thousand lets
+        # the node's tasks run (credit, frames). Then one awaited send()
+        # must block.
         await _wait_receivers(cluster, "stuck", 1)
         before = rss_bytes()
         accepted = 0
         async with cluster.send("stuck") as tx:
-            with trio.move_on_after(3.0):
-                for i in range(offer):
-                    await tx.send(small(i))
+            for i in range(offer):
+                try:
+                    tx.send_nowait(small(i))
                     accepted += 1
+                except trio.WouldBlock:
+                    pass
+                if i % 1000 == 999:
+                    await trio.lowlevel.checkpoint()
+            with trio.move_on_after(1.0) as waiting:
+                await tx.send(small(offer))
             after = rss_bytes()
             tx.close()
-        emit(kind="rss", growth=after - before, accepted=accepted, offered=offer)
+        emit(
+            kind="rss",
+            growth=after - before,
+            accepted=accepted,
+            offered=offer,
+            blocked=waiting.cancelled_caught,
+        )
 
     async def main() -> None:
         sock = socket.socket(fileno=fd)
@@ -777,6 +795,7 @@ def run_dchan_pair(counts: dict[str, int], pings: int, offer: int) -> dict[str, 
         out["rss_growth_bytes"] = int(rss["growth"])
         out["rss_accepted"] = int(rss["accepted"])
         out["rss_offered"] = int(rss["offered"])
+        out["rss_send_blocked"] = bool(rss["blocked"])
         send.next("done")
     finally:
         # The receiving node leaves first, while the sending node still makes
@@ -947,7 +966,9 @@ def main() -> None:
     )
     print(
         f"  never-reading receiver: {dc['rss_accepted']:,} of {dc['rss_offered']:,} "
-        f"accepted in 3 s, sender RSS growth {dc['rss_growth_bytes'] / 2**20:+.1f} MiB",
+        f"offered accepted, then send() "
+        f"{'blocked' if dc['rss_send_blocked'] else 'did NOT block'}; "
+        f"sender RSS growth {dc['rss_growth_bytes'] / 2**20:+.1f} MiB",
         flush=True,
     )
     three = run_dchan_three(int(50_000 * scale))
@@ -989,6 +1010,7 @@ def main() -> None:
         "dchan_stuck_rss_growth_mib": round(dc["rss_growth_bytes"] / 2**20, 2),
         "dchan_stuck_accepted": dc["rss_accepted"],
         "dchan_stuck_offered": dc["rss_offered"],
+        "dchan_stuck_send_blocked": dc["rss_send_blocked"],
         "dchan_3x3_aggregate_msgs_per_s": round(three),
     }
     ratios = {
