@@ -464,3 +464,13 @@ async def test_leaving_as_the_last_voter_fails_at_once_with_the_reason() -> None
                 address, cluster_id="solo", peers=[address], settings=FAST, sock=sock
             ) as cluster:
                 cluster.leave()
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1", "127.0.0.1:", "127.0.0.1:http", ":7000", "127.0.0.1:70000"]
+)
+async def test_a_malformed_address_is_refused_at_once(address: str) -> None:
+    with trio.fail_after(FAST.start_timeout / 2):
+        with pytest.raises(ValueError, match="port"):
+            async with open_cluster(address, cluster_id="c", peers=[address], settings=FAST):
+                pass  # pragma: no cover - never entered

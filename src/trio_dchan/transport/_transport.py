@@ -158,6 +158,8 @@ def _split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"address {address!r} is not of the form host:port")
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"address {address!r}: the port must be between 0 and 65535")
     return host.strip("[]"), int(port)
 
 
