@@ -48,7 +48,8 @@ def pysyncobj_child(self_addr: str, partners: list[str], batch: bool) -> None:
             self.value = 0
 
         @replicated  # type: ignore[misc]
-        def inc(self) -> int:
+        def inc(self, payload: bytes = b"") -> int:
+            # The payload only travels, like the bytes of our proposals.
             self.value += 1
             return self.value
 
@@ -58,7 +59,8 @@ def pysyncobj_child(self_addr: str, partners: list[str], batch: bool) -> None:
         sys.stdout.write(json.dumps(event) + "\n")
         sys.stdout.flush()
 
-    def bench(concurrency: int, count: int) -> None:
+    def bench(concurrency: int, count: int, size: int) -> None:
+        payload = b"x" * size
         lock = threading.Lock()
         finished = threading.Event()
         latencies: list[float] = []
@@ -70,7 +72,7 @@ def pysyncobj_child(self_addr: str, partners: list[str], batch: bool) -> None:
                     return
                 state["issued"] += 1
             start = time.perf_counter()
-            counter.inc(callback=lambda result, error: done(start, error))
+            counter.inc(payload, callback=lambda result, error: done(start, error))
 
         def done(start: float, error: Any) -> None:
             with lock:
@@ -133,7 +135,12 @@ def pysyncobj_child(self_addr: str, partners: list[str], batch: bool) -> None:
             )
         elif op == "bench":
             threading.Thread(
-                target=bench, args=(int(request["concurrency"]), int(request["count"]))
+                target=bench,
+                args=(
+                    int(request["concurrency"]),
+                    int(request["count"]),
+                    int(request.get("size", 0)),
+                ),
             ).start()
         elif op == "probe":
             threading.Thread(target=probe, args=(float(request.get("timeout", 30)),)).start()
@@ -294,6 +301,10 @@ def main() -> None:
         "pysyncobj_nobatch_throughput_64": pso_nobatch["throughput_64"],
         "pysyncobj_nobatch_p50_ms": pso_nobatch["p50_ms"],
         "pysyncobj_nobatch_p99_ms": pso_nobatch["p99_ms"],
+        "ours_mem_throughput_64_errors": ours["throughput_64_errors"],
+        "ours_fsync_throughput_64_errors": ours_fsync["throughput_64_errors"],
+        "pysyncobj_throughput_64_errors": pso["throughput_64_errors"],
+        "pysyncobj_nobatch_throughput_64_errors": pso_nobatch["throughput_64_errors"],
     }
     ratios = {
         "throughput_64_vs_pysyncobj": ours["throughput_64"] / pso["throughput_64"],
