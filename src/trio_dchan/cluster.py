@@ -35,6 +35,7 @@ from .dataplane import (
     DistributedSendChannel,
     NamespaceStatistics,
 )
+from .dataplane.plane import propose_until_done
 from .errors import DchanError
 from .raft.errors import InvalidConfChange, NotLeader, UnknownNode
 from .raft.node import NodeStopped, RaftNode, RaftSettings, open_raft_node
@@ -317,7 +318,13 @@ async def open_cluster(
                             rng,
                         )
                     # Receivers this node registered in an earlier life are gone.
-                    await _propose_until_done(node, encode_command(UnregisterNode(node_id)))
+                    await propose_until_done(
+                        node.propose,
+                        encode_command(UnregisterNode(node_id)),
+                        "the removal of this node's earlier receivers",
+                        settings.dataplane,
+                        rng,
+                    )
                 if scope.cancelled_caught:
                     raise ClusterUnavailable(
                         f"node {node_id} could not join cluster {cluster_id!r} and reach a "
@@ -402,28 +409,6 @@ async def _leaderless(node: RaftNode, grace: float) -> None:
             return
     except NodeStopped:
         return
-
-
-async def _propose_until_done(node: RaftNode, command: bytes) -> None:
-    """Propose ``command`` until it commits; the caller bounds the time.
-
-    For idempotent commands only: a proposal whose outcome is unknown (the
-    leader died after it was sent) or that was dropped (a new leader) is
-    proposed again once a leader is known.
-    """
-    delay = 0.05
-    while True:
-        await node.wait_leader_known()
-        try:
-            await node.propose(command)
-        except NodeStopped:
-            raise
-        except (DchanError, OSError) as exc:
-            log.info("start-up proposal failed, retrying: %r", exc)
-        else:
-            return
-        await trio.sleep(delay)
-        delay = min(delay * 2, 1.0)
 
 
 async def _join(transport: GrpcTransport, node_id: NodeId, to: NodeId) -> None:

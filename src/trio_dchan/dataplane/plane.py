@@ -134,12 +134,18 @@ class _Slot:
         self.used = False
 
     def want(self) -> None:
-        if self.peer.connected:
+        if self.peer.connected and not self.dead:
             self.want_sent = True
             self.peer.control.append(
                 fr.rid_count(fr.WANT, self.rid, self.ns.plane.settings.credit_window)
             )
             self.peer.kick()
+
+    def retire(self) -> None:
+        """The receiver is gone, or leaving: no credit, messages or WANT for it from here."""
+        self.dead = True
+        self.credit = 0
+        self.peer.remove_slot(self)
 
 
 class _NsSender:
@@ -189,9 +195,7 @@ class _NsSender:
             by_rid[info.receiver_id] = slot
         for rid, slot in old.items():
             if rid not in by_rid:
-                slot.dead = True
-                slot.credit = 0
-                slot.peer.remove_slot(slot)
+                slot.retire()
         self.slots = slots
         self.by_rid = by_rid
         self.rr = self.plane.rng.randrange(len(slots)) if slots else 0
@@ -1182,16 +1186,7 @@ class DataPlane:
                 await self._expiry_wake.wait()
 
     async def _propose_until_done(self, command: bytes, what: str) -> None:
-        backoff = self.settings.retry_backoff_min
-        while True:
-            try:
-                await self._propose(command)
-            except Exception as exc:
-                logger.info("proposing %s failed, retrying: %r", what, exc)
-                await trio.sleep(backoff * (0.5 + self.rng.random()))
-                backoff = min(backoff * 2, self.settings.retry_backoff_max)
-            else:
-                return
+        await propose_until_done(self._propose, command, what, self.settings, self.rng)
 
     async def _register(self, inbox: _Inbox) -> None:
         command = encode_command(
@@ -1297,9 +1292,7 @@ class DataPlane:
         # change reaches the router.
         slot = ns.by_rid.get(inbox.rid)
         if slot is not None:
-            slot.credit = 0
-            slot.want_sent = True
-            slot.dead = True
+            slot.retire()
         deadline = trio.current_time() + self.settings.handoff_timeout
         owner = _Owner(deadline)
         ns.handoffs += 1
@@ -1424,22 +1417,13 @@ class DataPlane:
                     values = values[:take]
                 if mixed:
                     # Refuse the bad messages alone; the others are placed.
-                    good = []
-                    i = 0
-                    while i < take:
-                        if values[i] is not _UNDECODABLE:
-                            good.append(values[i])
-                            i += 1
-                            continue
-                        bad = i
-                        while i < take and values[i] is _UNDECODABLE:
-                            i += 1
-                        stream.refusals.append(fr.refuse(first + bad, i - bad, fr.Refusal.INVALID))
-                    values = good
-                    inbox.place(values)
-                    inbox.grant()
-                else:
-                    inbox.place(values)
+                    for i, value in enumerate(values):
+                        if value is _UNDECODABLE:
+                            stream.refusals.append(fr.refuse(first + i, 1, fr.Refusal.INVALID))
+                    values = [value for value in values if value is not _UNDECODABLE]
+                inbox.place(values)
+                if len(values) < take:
+                    inbox.grant()  # the refused ones' credit is room again
                 if take < count:
                     stream.refusals.append(
                         fr.refuse(first + take, count - take, fr.Refusal.NO_CREDIT)
@@ -1469,6 +1453,31 @@ class DataPlane:
                     inbox.wanters.pop(stream, None)
                     inbox.grant()
         stream.kick()
+
+
+async def propose_until_done(
+    propose: Callable[[bytes], Awaitable[object]],
+    command: bytes,
+    what: str,
+    settings: DataPlaneSettings,
+    rng: random.Random,
+) -> None:
+    """Propose a Registry command until it commits; the caller bounds the time.
+
+    For idempotent commands only: one whose outcome is unknown (the leader
+    died after it was sent) or that was dropped is proposed again, after a
+    growing pause (``retry_backoff_min`` to ``retry_backoff_max``).
+    """
+    backoff = settings.retry_backoff_min
+    while True:
+        try:
+            await propose(command)
+        except Exception as exc:
+            logger.info("proposing %s failed, retrying: %r", what, exc)
+            await trio.sleep(backoff * (0.5 + rng.random()))
+            backoff = min(backoff * 2, settings.retry_backoff_max)
+        else:
+            return
 
 
 #: Stands for a message of a batch that did not decode.

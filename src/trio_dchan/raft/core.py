@@ -126,7 +126,6 @@ class _Progress:
         "paused",
         "sent_commit",
         "snap",
-        "snap_index",
         "snap_offset",
         "stall",
         "state",
@@ -146,7 +145,6 @@ class _Progress:
         #: over with each newer snapshot, a follower that needs longer to
         #: receive one than the leader takes to compact would never finish.
         self.snap: Snapshot | None = None
-        self.snap_index = 0
         self.snap_offset = 0
 
     def become_probe(self) -> None:
@@ -1165,7 +1163,7 @@ class RaftCore:
             else:
                 pr.paused = False
         elif pr.state == _SNAPSHOT:
-            if pr.match >= pr.snap_index:
+            if pr.snap is None or pr.match >= pr.snap.meta.index:
                 pr.become_replicate()
             else:
                 return
@@ -1295,7 +1293,6 @@ class RaftCore:
         pr.state = _SNAPSHOT
         pr.inflight.clear()
         pr.snap = snap
-        pr.snap_index = snap.meta.index
         pr.snap_offset = 0
         pr.stall = 0
         self._send_snapshot_chunk(peer, pr)
